@@ -1,0 +1,112 @@
+"""Device mesh, batch sharding and multi-process start-up.
+
+One code path serves one device, many local devices and many processes: the
+batch axis of every array is split over the mesh axis ``"data"``; parameters
+and optimizer state are replicated.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices: list | None = None) -> Mesh:
+    """Returns a one-axis data-parallel mesh over ``devices`` (default: all)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding that splits the leading (batch) axis over the mesh."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Sharding that keeps a full copy on every device."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def check_global_batch(global_batch: int, mesh: Mesh) -> None:
+    """Raises if ``global_batch`` cannot be split evenly over the mesh."""
+    n = mesh.devices.size
+    if global_batch <= 0 or global_batch % n:
+        raise ValueError(
+            f"global batch size {global_batch} must be a positive multiple of "
+            f"the number of devices ({n}); choose e.g. {max(n, global_batch // n * n)}"
+        )
+
+
+def local_batch_size(global_batch: int) -> int:
+    """The part of the global batch that this process loads."""
+    count = jax.process_count()
+    if global_batch % count:
+        raise ValueError(
+            f"global batch size {global_batch} is not divisible by the number "
+            f"of processes ({count})"
+        )
+    return global_batch // count
+
+
+def shard_batch(local_batch, mesh: Mesh):
+    """Turns this process's part of a batch into global arrays on the mesh.
+
+    Args:
+      local_batch: pytree of host arrays ``[local_batch, ...]``; together the
+        processes hold the global batch, process ``i`` holding slice ``i``.
+      mesh: the data-parallel mesh.
+
+    Returns:
+      The same pytree of ``jax.Array`` of shape ``[global_batch, ...]``, split
+      over the mesh's data axis.
+    """
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+        local_batch,
+    )
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """Starts the JAX distributed runtime when more than one process is asked.
+
+    Values left as ``None`` are read from ``STOCHINTERP_COORDINATOR``,
+    ``STOCHINTERP_NUM_PROCESSES`` and ``STOCHINTERP_PROCESS_ID``. With one
+    process (the default) nothing is started.
+
+    Returns:
+      True when the distributed runtime was started.
+    """
+    env = os.environ
+    if coordinator_address is None:
+        coordinator_address = env.get("STOCHINTERP_COORDINATOR")
+    if num_processes is None:
+        num_processes = int(env.get("STOCHINTERP_NUM_PROCESSES", "1"))
+    if process_id is None:
+        process_id = int(env.get("STOCHINTERP_PROCESS_ID", "0"))
+    if num_processes <= 1:
+        return False
+    if not coordinator_address:
+        raise ValueError(
+            f"num_processes={num_processes} needs a coordinator address "
+            "(host:port), from the flag or STOCHINTERP_COORDINATOR"
+        )
+    if not 0 <= process_id < num_processes:
+        raise ValueError(
+            f"process_id={process_id} must lie in [0, {num_processes - 1}]"
+        )
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
+    return True
