@@ -1,0 +1,321 @@
+"""Couplings: how the base sample x0 is drawn from the data x1.
+
+A coupling is a callable ``coupling(key, x1, labels) -> CouplingSample``. It
+builds ``x0 = center + sigma * zeta`` with ``zeta ~ N(0, I)`` and returns what
+the network is conditioned on. Write your own by returning a
+``CouplingSample``; nothing else in the library needs to change.
+
+Conventions: images are NHWC in [-1, 1]; ``mask`` is ``[batch, H, W, 1]`` with
+1 = known pixel, 0 = missing pixel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class CouplingSample:
+    """One draw of a coupling for a batch.
+
+    Attributes:
+      x0: [batch, H, W, C] base samples.
+      center: [batch, H, W, C] the known part c of x0 = c + sigma * zeta.
+      sigma: noise scale of x0 around ``center``; a float or an array that
+        broadcasts against x0 (per pixel for in-painting).
+      cond: [batch, H, W, k] image-shaped conditioning concatenated to x_t at
+        the network input, or None.
+      mask: [batch, H, W, 1] output mask (1 = known pixel: the velocity there is
+        exactly zero), or None.
+      labels: [batch] int32 class labels fed to the network (after any
+        classifier-free-guidance drop), or None.
+    """
+
+    x0: jax.Array
+    center: jax.Array
+    sigma: jax.Array | float
+    cond: jax.Array | None = None
+    mask: jax.Array | None = None
+    labels: jax.Array | None = None
+
+    @property
+    def xi(self) -> dict:
+        """The conditioning a velocity field needs, as a pytree."""
+        return {"cond": self.cond, "mask": self.mask, "labels": self.labels}
+
+
+Coupling = Callable[[jax.Array, jax.Array, "jax.Array | None"], CouplingSample]
+
+
+def _check_probability(name: str, p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {p}")
+
+
+def _check_divisible(x_shape: tuple, n: int, what: str) -> None:
+    if len(x_shape) != 4:
+        raise ValueError(f"expected images [batch, H, W, C], got shape {x_shape}")
+    height, width = x_shape[1], x_shape[2]
+    if height % n or width % n:
+        raise ValueError(
+            f"image size {height}x{width} is not divisible by the {what} {n}"
+        )
+
+
+def tile_mask(key: jax.Array, shape: tuple, grid: int = 8, p: float = 0.3) -> jax.Array:
+    """Draws an in-painting mask of grid x grid equal tiles.
+
+    Each tile is hidden independently with probability p; the mask is shared
+    by all channels of a pixel.
+
+    Args:
+      key: PRNG key.
+      shape: image batch shape (batch, H, W, C); H and W divisible by grid.
+      grid: tiles per side.
+      p: probability that a tile is hidden.
+
+    Returns:
+      [batch, H, W, 1] float32 mask, 1 = known pixel, 0 = hidden pixel.
+    """
+    _check_divisible(tuple(shape), grid, "tile grid")
+    batch, height, width = shape[0], shape[1], shape[2]
+    hidden = jax.random.bernoulli(key, p, (batch, grid, grid))
+    tiles = 1.0 - hidden.astype(jnp.float32)
+    tiles = jnp.repeat(tiles, height // grid, axis=1)
+    tiles = jnp.repeat(tiles, width // grid, axis=2)
+    return tiles[..., None]
+
+
+def box_downsample(x: jax.Array, factor: int) -> jax.Array:
+    """Averages factor x factor blocks: [B, H, W, C] -> [B, H/f, W/f, C]."""
+    _check_divisible(x.shape, factor, "super-resolution factor")
+    b, h, w, c = x.shape
+    blocks = x.reshape(b, h // factor, factor, w // factor, factor, c)
+    return blocks.mean(axis=(2, 4))
+
+
+def nearest_upsample(x: jax.Array, factor: int) -> jax.Array:
+    """Repeats each pixel factor x factor times: [B, h, w, C] -> [B, fh, fw, C]."""
+    return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class IndependentCoupling:
+    """The uncoupled baseline: x0 ~ N(0, I), independent of x1.
+
+    Attributes:
+      condition_like: optionally another coupling whose conditioning inputs the
+        baseline receives, so that a comparison isolates the coupling. For
+        in-painting the network gets the mask and the masked image as
+        channels; for super-resolution the upsampled low-resolution image.
+        The baseline never masks the network output.
+    """
+
+    condition_like: InpaintingCoupling | SuperResolutionCoupling | None = None
+
+    def check_image_shape(self, shape: tuple) -> None:
+        if self.condition_like is not None:
+            self.condition_like.check_image_shape(shape)
+
+    def __call__(
+        self, key: jax.Array, x1: jax.Array, labels: jax.Array | None = None
+    ) -> CouplingSample:
+        key_noise, key_cond = jax.random.split(key)
+        x0 = jax.random.normal(key_noise, x1.shape, x1.dtype)
+        cond = None
+        if isinstance(self.condition_like, InpaintingCoupling):
+            mask = tile_mask(
+                key_cond, x1.shape, self.condition_like.grid, self.condition_like.p
+            )
+            cond = jnp.concatenate([mask, mask * x1], axis=-1)
+        elif self.condition_like is not None:
+            cond = self.condition_like(key_cond, x1, labels).cond
+        return CouplingSample(
+            x0=x0, center=jnp.zeros_like(x1), sigma=1.0, cond=cond, labels=labels
+        )
+
+    @property
+    def cond_channels_per_image_channel(self) -> tuple[int, int]:
+        """(constant, per image channel) counts of conditioning channels."""
+        if isinstance(self.condition_like, InpaintingCoupling):
+            return 1, 1
+        if isinstance(self.condition_like, SuperResolutionCoupling):
+            return 0, 1
+        return 0, 0
+
+
+@dataclasses.dataclass(frozen=True)
+class InpaintingCoupling:
+    """x0 = mask * x1 + (1 - mask) * zeta, tiles hidden with probability p.
+
+    The mask goes to the network as one input channel and the network output
+    is multiplied by (1 - mask): known pixels never move.
+    """
+
+    grid: int = 8
+    p: float = 0.3
+
+    def __post_init__(self):
+        if self.grid <= 0:
+            raise ValueError(f"tile grid must be a positive integer, got {self.grid}")
+        _check_probability("hidden-tile probability p", self.p)
+
+    def check_image_shape(self, shape: tuple) -> None:
+        _check_divisible(tuple(shape), self.grid, "tile grid")
+
+    def __call__(
+        self, key: jax.Array, x1: jax.Array, labels: jax.Array | None = None
+    ) -> CouplingSample:
+        key_mask, key_noise = jax.random.split(key)
+        mask = tile_mask(key_mask, x1.shape, self.grid, self.p)
+        zeta = jax.random.normal(key_noise, x1.shape, x1.dtype)
+        center = mask * x1
+        x0 = center + (1.0 - mask) * zeta
+        return CouplingSample(
+            x0=x0,
+            center=center,
+            sigma=1.0 - mask,
+            cond=mask,
+            mask=mask,
+            labels=labels,
+        )
+
+    cond_channels_per_image_channel = (1, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SuperResolutionCoupling:
+    """x0 = U(D(x1)) + sigma * zeta with box-average D and nearest-neighbour U.
+
+    The clean U(D(x1)) goes to the network as extra channels at every step.
+    """
+
+    factor: int = 4
+    sigma: float = 1.0
+
+    def __post_init__(self):
+        if self.factor < 1:
+            raise ValueError(f"super-resolution factor must be >= 1, got {self.factor}")
+        if not self.sigma >= 0:
+            raise ValueError(f"super-resolution sigma must be >= 0, got {self.sigma}")
+
+    def check_image_shape(self, shape: tuple) -> None:
+        _check_divisible(tuple(shape), self.factor, "super-resolution factor")
+
+    def low_resolution(self, x1: jax.Array) -> jax.Array:
+        """U(D(x1)): [B, H, W, C] -> [B, H, W, C]."""
+        return nearest_upsample(box_downsample(x1, self.factor), self.factor)
+
+    def __call__(
+        self, key: jax.Array, x1: jax.Array, labels: jax.Array | None = None
+    ) -> CouplingSample:
+        center = self.low_resolution(x1)
+        zeta = jax.random.normal(key, x1.shape, x1.dtype)
+        return CouplingSample(
+            x0=center + self.sigma * zeta,
+            center=center,
+            sigma=self.sigma,
+            cond=center,
+            labels=labels,
+        )
+
+    cond_channels_per_image_channel = (0, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassConditioning:
+    """Adds class labels to any coupling, with classifier-free-guidance drops.
+
+    Each label is replaced by the null class ``num_classes`` with probability
+    ``p_uncond``. With ``class_channel`` the label index is also fed as one
+    constant image channel.
+    """
+
+    base: Coupling
+    num_classes: int
+    p_uncond: float = 0.0
+    class_channel: bool = False
+
+    def __post_init__(self):
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        _check_probability("label drop probability p_uncond", self.p_uncond)
+
+    def check_image_shape(self, shape: tuple) -> None:
+        check = getattr(self.base, "check_image_shape", None)
+        if check is not None:
+            check(shape)
+
+    def __call__(
+        self, key: jax.Array, x1: jax.Array, labels: jax.Array | None = None
+    ) -> CouplingSample:
+        if labels is None:
+            raise ValueError("a class-conditional coupling needs labels, got None")
+        key_base, key_drop = jax.random.split(key)
+        sample = self.base(key_base, x1, None)
+        labels = labels.astype(jnp.int32)
+        if self.p_uncond > 0:
+            drop = jax.random.bernoulli(key_drop, self.p_uncond, labels.shape)
+            labels = jnp.where(drop, self.num_classes, labels)
+        cond = sample.cond
+        if self.class_channel:
+            channel = jnp.broadcast_to(
+                labels[:, None, None, None].astype(x1.dtype), x1.shape[:3] + (1,)
+            )
+            cond = channel if cond is None else jnp.concatenate([cond, channel], -1)
+        return sample.replace(cond=cond, labels=labels)
+
+    @property
+    def cond_channels_per_image_channel(self) -> tuple[int, int]:
+        const, per = self.base.cond_channels_per_image_channel
+        return const + int(self.class_channel), per
+
+
+def cond_channels(coupling, image_channels: int) -> int:
+    """Number of image-shaped conditioning channels a coupling produces."""
+    const, per = coupling.cond_channels_per_image_channel
+    return const + per * image_channels
+
+
+def from_config(config) -> Coupling:
+    """Builds a coupling from ``config.coupling`` (an ml_collections ConfigDict).
+
+    Fields: ``name`` in {'independent', 'inpainting', 'superres'}; ``grid``,
+    ``p`` (in-painting); ``factor``, ``sigma`` (super-resolution);
+    ``baseline_condition`` ('none', 'inpainting' or 'superres', independent
+    only); ``num_classes`` (0 = unconditional), ``p_uncond``,
+    ``class_channel``.
+    """
+    name = config.name
+    inpaint = lambda: InpaintingCoupling(grid=config.grid, p=config.p)  # noqa: E731
+    superres = lambda: SuperResolutionCoupling(  # noqa: E731
+        factor=config.factor, sigma=config.sigma
+    )
+    if name == "inpainting":
+        coupling = inpaint()
+    elif name == "superres":
+        coupling = superres()
+    elif name == "independent":
+        like = {"none": None, "inpainting": inpaint, "superres": superres}
+        if config.baseline_condition not in like:
+            raise ValueError(
+                f"baseline_condition {config.baseline_condition!r} is not one of "
+                f"{sorted(like)}"
+            )
+        make = like[config.baseline_condition]
+        coupling = IndependentCoupling(condition_like=make() if make else None)
+    else:
+        raise ValueError(
+            f"coupling {name!r} is not known; choose 'independent', 'inpainting' "
+            "or 'superres'"
+        )
+    if config.num_classes:
+        coupling = ClassConditioning(
+            coupling, config.num_classes, config.p_uncond, config.class_channel
+        )
+    return coupling
