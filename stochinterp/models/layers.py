@@ -1,0 +1,327 @@
+"""Building blocks of the U-Net: norms, time features, ResNet and attention blocks.
+
+All blocks take NHWC activations. Parameters are created in ``param_dtype``
+(float32); ``dtype`` is the compute dtype. Reductions (norm statistics,
+softmax) run in float32 whatever the compute dtype.
+
+Weights are initialised as PyTorch initialises ``nn.Conv2d`` / ``nn.Linear``
+(uniform in +-1/sqrt(fan_in) for kernels and biases), so that training starts
+from the same distribution as the reference network.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# PyTorch's default kernel init (kaiming uniform, a = sqrt(5)) is uniform in
+# +-1/sqrt(fan_in): a variance scaling of 1/3 with fan_in and uniform.
+torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int) -> Initializer:
+    """Bias init of PyTorch's conv and linear layers: U(-1/sqrt(fan_in), ...)."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class Conv(nn.Module):
+    """2D convolution on NHWC input, padded symmetrically, PyTorch-style init.
+
+    Attributes:
+      features: output channels.
+      kernel: kernel side (square).
+      stride: stride in both directions.
+      padding: zero padding on each side of both spatial axes.
+      use_bias: whether to add a bias.
+      dtype: compute dtype.
+      param_dtype: parameter dtype.
+    """
+
+    features: int
+    kernel: int
+    stride: int = 1
+    padding: int = 0
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [batch, height, width, in] -> [batch, height', width', features]."""
+        fan_in = x.shape[-1] * self.kernel * self.kernel
+        pad = (self.padding, self.padding)
+        return nn.Conv(
+            self.features,
+            (self.kernel, self.kernel),
+            strides=(self.stride, self.stride),
+            padding=(pad, pad),
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=torch_kernel_init,
+            bias_init=torch_bias_init(fan_in),
+            name="conv",
+        )(x)
+
+
+class Dense(nn.Module):
+    """Linear layer with PyTorch-style init.
+
+    Attributes:
+      features: output width.
+      dtype: compute dtype.
+      param_dtype: parameter dtype.
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., in] -> [..., features]."""
+        return nn.Dense(
+            self.features,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=torch_kernel_init,
+            bias_init=torch_bias_init(x.shape[-1]),
+            name="dense",
+        )(x)
+
+
+class RMSNorm(nn.Module):
+    """Channel RMS norm: ``x / |x| * sqrt(channels) * g`` over the last axis.
+
+    ``|x|`` is floored at 1e-12 as in ``torch.nn.functional.normalize``.
+
+    Attributes:
+      dtype: output dtype.
+      param_dtype: dtype of the gain ``g`` (one value per channel, init 1).
+    """
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., channels] -> same shape, in ``dtype``."""
+        channels = x.shape[-1]
+        g = self.param("g", nn.initializers.ones, (channels,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        sq = jnp.sum(jnp.square(x32), axis=-1, keepdims=True)
+        inv = jax.lax.rsqrt(jnp.maximum(sq, 1e-24)) * math.sqrt(channels)
+        return (x32 * inv * g).astype(self.dtype)
+
+
+class GroupNorm(nn.Module):
+    """Group norm over (height, width, channels in group), eps 1e-5, affine.
+
+    Statistics are computed per example in float32 (one pass: mean and mean of
+    squares), so examples never see each other.
+
+    Attributes:
+      groups: number of channel groups; must divide the channels.
+      dtype: output dtype.
+      param_dtype: dtype of the scale and bias.
+    """
+
+    groups: int
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [batch, height, width, channels] -> same shape, in ``dtype``."""
+        b, h, w, c = x.shape
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        xg = x.astype(jnp.float32).reshape(b, h * w, self.groups, c // self.groups)
+        mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
+        mean_sq = jnp.mean(jnp.square(xg), axis=(1, 3), keepdims=True)
+        var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+        xg = (xg - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (xg.reshape(b, h, w, c) * scale + bias).astype(self.dtype)
+
+
+class LearnedSinusoidalFeatures(nn.Module):
+    """Features ``[t, sin(2 pi w t), cos(2 pi w t)]`` with learned frequencies.
+
+    Attributes:
+      dim: number of sin plus cos features (even); ``dim // 2`` frequencies
+        ``w`` are learned (init N(0, 1)); the output has ``dim + 1`` features.
+    """
+
+    dim: int
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t: jax.Array) -> jax.Array:
+        """t: [batch] -> [batch, dim + 1] float32."""
+        w = self.param(
+            "weights", nn.initializers.normal(1.0), (self.dim // 2,), self.param_dtype
+        )
+        t = t.astype(jnp.float32)[:, None]
+        freqs = t * w[None, :] * (2.0 * math.pi)
+        return jnp.concatenate([t, jnp.sin(freqs), jnp.cos(freqs)], axis=-1)
+
+
+def sinusoidal_features(t: jax.Array, dim: int) -> jax.Array:
+    """Fixed transformer-style features ``[sin(t f_i), cos(t f_i)]``.
+
+    Frequencies ``f_i = 10000 ** (-i / (dim / 2 - 1))``, i < dim / 2. ``t`` is
+    used as given (no rescaling), so for t in [0, 1] mostly the low frequencies
+    vary.
+
+    Args:
+      t: [batch] times.
+      dim: number of features (even, at least 4).
+
+    Returns:
+      [batch, dim] float32.
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half) / (half - 1))
+    args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+class ConvBlock(nn.Module):
+    """3x3 conv -> GroupNorm -> optional ``x * (scale + 1) + shift`` -> SiLU."""
+
+    features: int
+    groups: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, scale_shift: tuple[jax.Array, jax.Array] | None = None
+    ) -> jax.Array:
+        """x: [b, h, w, c]; scale, shift: [b, 1, 1, features] -> [b, h, w, features]."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = Conv(self.features, 3, padding=1, name="proj", **kw)(x)
+        x = GroupNorm(self.groups, name="norm", **kw)(x)
+        if scale_shift is not None:
+            scale, shift = scale_shift
+            x = x * (scale + 1) + shift
+        return nn.silu(x)
+
+
+class ResnetBlock(nn.Module):
+    """Two conv blocks; the conditioning embedding sets scale and shift of the first.
+
+    Attributes:
+      features: output channels.
+      groups: GroupNorm groups.
+    """
+
+    features: int
+    groups: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb_act: jax.Array) -> jax.Array:
+        """Applies the block.
+
+        Args:
+          x: [batch, height, width, in_channels].
+          emb_act: [batch, emb_dim], the conditioning embedding after SiLU.
+
+        Returns:
+          [batch, height, width, features].
+        """
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        ss = Dense(2 * self.features, name="mlp", **kw)(emb_act)
+        scale, shift = jnp.split(ss[:, None, None, :], 2, axis=-1)
+        h = ConvBlock(self.features, self.groups, name="block1", **kw)(
+            x, (scale, shift)
+        )
+        h = ConvBlock(self.features, self.groups, name="block2", **kw)(h)
+        if x.shape[-1] != self.features:
+            x = Conv(self.features, 1, name="res_conv", **kw)(x)
+        return h + x
+
+
+class LinearAttention(nn.Module):
+    """Residual linear attention: pre-RMSNorm, softmax kernels, output RMSNorm.
+
+    q is normalised by a softmax over each head's features, k by a softmax over
+    positions; ``out_n = sum_d q_nd (sum_m k_md v_m) * dim_head**-0.5``.
+
+    Attributes:
+      heads: number of heads.
+      dim_head: features per head.
+    """
+
+    heads: int = 4
+    dim_head: int = 32
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [batch, height, width, channels] -> same shape (x + attention)."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, h, w, c = x.shape
+        hidden = self.heads * self.dim_head
+        y = RMSNorm(name="norm", **kw)(x)
+        qkv = Conv(3 * hidden, 1, use_bias=False, name="to_qkv", **kw)(y)
+        qkv = qkv.reshape(b, h * w, 3, self.heads, self.dim_head)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+        q = jax.nn.softmax(q.astype(jnp.float32), axis=-1) * self.dim_head**-0.5
+        k = jax.nn.softmax(k.astype(jnp.float32), axis=1)
+        q, k = q.astype(self.dtype), k.astype(self.dtype)
+        context = jnp.einsum("bnhd,bnhe->bhde", k, v)
+        out = jnp.einsum("bhde,bnhd->bnhe", context, q)
+
+        out = Conv(c, 1, name="to_out", **kw)(out.reshape(b, h, w, hidden))
+        return RMSNorm(name="out_norm", **kw)(out) + x
+
+
+class Attention(nn.Module):
+    """Residual full (softmax) attention over all positions, with pre-RMSNorm.
+
+    Attributes:
+      heads: number of heads.
+      dim_head: features per head.
+    """
+
+    heads: int = 4
+    dim_head: int = 64
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [batch, height, width, channels] -> same shape (x + attention)."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, h, w, c = x.shape
+        hidden = self.heads * self.dim_head
+        y = RMSNorm(name="norm", **kw)(x)
+        qkv = Conv(3 * hidden, 1, use_bias=False, name="to_qkv", **kw)(y)
+        qkv = qkv.reshape(b, h * w, 3, self.heads, self.dim_head)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+        logits = jnp.einsum("bihd,bjhd->bhij", q, k).astype(jnp.float32)
+        weights = jax.nn.softmax(logits * self.dim_head**-0.5, axis=-1)
+        out = jnp.einsum("bhij,bjhd->bihd", weights.astype(self.dtype), v)
+
+        out = Conv(c, 1, name="to_out", **kw)(out.reshape(b, h, w, hidden))
+        return out + x

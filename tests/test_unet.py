@@ -1,0 +1,211 @@
+"""Tests of the U-Net: exact parameter counts, conditioning modes, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stochinterp.models import UNet, count_params
+
+PAPER = dict(dim=256, dim_mults=(1, 1, 2, 3, 4), out_channels=3)
+SMALL = dict(dim=32, dim_mults=(1, 2, 2), out_channels=3)
+TINY = dict(dim=16, dim_mults=(1, 2), out_channels=3)
+
+
+@pytest.mark.parametrize(
+    "config, in_channels, num_classes, expected",
+    [
+        (PAPER, 6, 1000, 269_650_195),
+        (PAPER, 3, None, 243_402_259),
+        (SMALL, 3, None, 1_477_075),
+        (SMALL, 4, 10, 1_688_115),
+    ],
+)
+def test_parameter_counts_match_the_paper(config, in_channels, num_classes, expected):
+    model = UNet(**config, num_classes=num_classes)
+    count = count_params(
+        model, (32, 32, 3), in_channels - 3, with_labels=num_classes is not None
+    )
+    assert count == expected
+
+
+def test_parameter_counts_of_the_variants():
+    base = count_params(UNet(**SMALL, num_classes=10), (32, 32, 3), 1, True)
+    null = count_params(
+        UNet(**SMALL, num_classes=10, class_null=True), (32, 32, 3), 1, True
+    )
+    assert null - base == 32  # one embedding row of width dim
+
+    plain = count_params(UNet(**SMALL), (32, 32, 3))
+    channel = count_params(
+        UNet(**SMALL, num_classes=10, class_channel=True), (32, 32, 3), 0, True
+    )
+    assert channel - plain == 7 * 7 * 32  # one more stem input channel
+
+    fixed = count_params(UNet(**SMALL, learned_sinusoidal=False), (32, 32, 3))
+    # 16 learned frequencies and a 33-wide first time layer become a 32-wide one
+    assert plain - fixed == 16 + (33 - 32) * 128
+
+
+def test_layer_shapes_follow_the_reference_layout():
+    model = UNet(**SMALL, num_classes=10)
+    x = jax.ShapeDtypeStruct((1, 32, 32, 4), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.float32)
+    labels = jax.ShapeDtypeStruct((1,), jnp.int32)
+    params = jax.eval_shape(
+        lambda x, t, y: model.init(jax.random.key(0), x, t, labels=y), x, t, labels
+    )["params"]
+    assert params["stem"]["conv"]["kernel"].shape == (7, 7, 4, 32)
+    assert params["time_features"]["weights"].shape == (16,)
+    assert params["time_mlp1"]["dense"]["kernel"].shape == (33, 128)
+    assert params["class_embed"]["embedding"].shape == (10, 32)
+    assert params["down0_block1"]["mlp"]["dense"]["kernel"].shape == (256, 64)
+    assert params["down0_down"]["conv"]["kernel"].shape == (4, 4, 32, 32)
+    assert params["down1_down"]["conv"]["kernel"].shape == (4, 4, 32, 64)
+    assert params["down2_down"]["conv"]["kernel"].shape == (3, 3, 64, 64)
+    assert params["down1_attn"]["to_qkv"]["conv"]["kernel"].shape == (1, 1, 32, 384)
+    assert params["mid_attn"]["to_qkv"]["conv"]["kernel"].shape == (1, 1, 64, 768)
+    assert params["up0_block1"]["res_conv"]["conv"]["kernel"].shape == (1, 1, 128, 64)
+    assert params["up2_up"]["conv"]["kernel"].shape == (3, 3, 32, 32)
+    assert params["final_block"]["block1"]["proj"]["conv"]["kernel"].shape == (
+        3,
+        3,
+        64,
+        32,
+    )
+    assert params["final_conv"]["conv"]["kernel"].shape == (1, 1, 32, 3)
+
+
+def _inputs(batch=2, side=16, channels=3, seed=0):
+    kx, kt = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (batch, side, side, channels))
+    t = jax.random.uniform(kt, (batch,))
+    return x, t
+
+
+@pytest.mark.parametrize(
+    "mode, kwargs",
+    [
+        ("none", {}),
+        ("cond", {}),
+        ("labels", {"num_classes": 5}),
+        ("labels_null", {"num_classes": 5, "class_null": True}),
+        ("class_channel", {"num_classes": 5, "class_channel": True}),
+    ],
+)
+def test_output_shape_and_dtype_per_mode(mode, kwargs):
+    model = UNet(**{**TINY, "out_channels": 2}, **kwargs)
+    x, t = _inputs()
+    cond = jnp.ones((2, 16, 16, 4)) if mode == "cond" else None
+    labels = None
+    if "num_classes" in kwargs:
+        last = 5 if mode == "labels_null" else 4  # 5 is the null class
+        labels = jnp.array([0, last], jnp.int32)
+    variables = model.init(jax.random.key(1), x, t, cond=cond, labels=labels)
+    y = model.apply(variables, x, t, cond=cond, labels=labels)
+    assert y.shape == (2, 16, 16, 2)
+    assert y.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(y)))
+    if labels is not None:
+        # The label must reach the output.
+        y_other = model.apply(variables, x, t, cond=cond, labels=labels[::-1])
+        assert float(jnp.max(jnp.abs(y - y_other))) > 1e-4
+
+
+def test_output_depends_on_time_and_cond():
+    model = UNet(**TINY)
+    x, t = _inputs()
+    cond = jnp.zeros((2, 16, 16, 1))
+    variables = model.init(jax.random.key(1), x, t, cond=cond)
+    y = model.apply(variables, x, t, cond=cond)
+    assert float(jnp.max(jnp.abs(y - model.apply(variables, x, t + 0.3, cond)))) > 1e-4
+    assert float(jnp.max(jnp.abs(y - model.apply(variables, x, t, cond + 1)))) > 1e-4
+    # A scalar time is broadcast over the batch.
+    y_scalar = model.apply(variables, x, 0.25, cond)
+    y_vector = model.apply(variables, x, jnp.full((2,), 0.25), cond)
+    np.testing.assert_allclose(y_scalar, y_vector, rtol=0, atol=0)
+
+
+def test_bfloat16_keeps_float32_params_and_output():
+    x, t = _inputs()
+    labels = jnp.array([1, 3], jnp.int32)
+    model32 = UNet(**TINY, num_classes=5)
+    model16 = UNet(**TINY, num_classes=5, dtype=jnp.bfloat16)
+    variables = model16.init(jax.random.key(2), x, t, labels=labels)
+    dtypes = {p.dtype for p in jax.tree.leaves(variables)}
+    assert dtypes == {jnp.dtype(jnp.float32)}
+    y16 = model16.apply(variables, x, t, labels=labels)
+    y32 = model32.apply(variables, x, t, labels=labels)
+    assert y16.dtype == jnp.float32
+    # Same function up to bf16 rounding (8 bits of mantissa), but not identical.
+    scale = float(jnp.max(jnp.abs(y32)))
+    err = float(jnp.max(jnp.abs(y16 - y32)))
+    assert 0 < err < 0.1 * scale
+
+
+def test_output_does_not_depend_on_the_batch():
+    model = UNet(**TINY, num_classes=5)
+    x, t = _inputs(batch=4, seed=3)
+    labels = jnp.array([0, 1, 2, 3], jnp.int32)
+    variables = model.init(jax.random.key(4), x, t, labels=labels)
+    apply = jax.jit(model.apply)
+    y = apply(variables, x, t, labels=labels)
+    for i in range(4):
+        yi = apply(variables, x[i : i + 1], t[i : i + 1], labels=labels[i : i + 1])
+        np.testing.assert_allclose(yi[0], y[i], rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def class_model():
+    model = UNet(**TINY, num_classes=5)
+    x, t = _inputs()
+    labels = jnp.array([0, 1], jnp.int32)
+    return model, model.init(jax.random.key(0), x, t, labels=labels)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(labels=None), "labels of shape"),
+        (dict(labels=jnp.array([0, 5], jnp.int32)), r"\[0, 5\)"),
+        (dict(labels=jnp.array([-1, 0], jnp.int32)), r"\[0, 5\)"),
+        (dict(labels=jnp.array([0.0, 1.0])), "integers"),
+        (dict(labels=jnp.array([0, 1, 2], jnp.int32)), "integers of shape"),
+        (dict(x_t=jnp.zeros((2, 15, 16, 3))), "divisible by"),
+        (dict(x_t=jnp.zeros((16, 16, 3))), "x_t must be"),
+        (dict(t=jnp.zeros((3,))), "t must have shape"),
+        (dict(cond=jnp.zeros((2, 8, 8, 1))), "cond must be"),
+        (dict(cond=jnp.zeros((2, 16, 16, 1))), "expect 3 input channels"),
+    ],
+)
+def test_bad_inputs_raise(class_model, change, message):
+    model, variables = class_model
+    x, t = _inputs()
+    args = dict(x_t=x, t=t, cond=None, labels=jnp.array([0, 1], jnp.int32))
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        model.apply(variables, **args)
+
+
+def test_labels_for_a_model_without_classes_raise():
+    model = UNet(**TINY)
+    x, t = _inputs()
+    with pytest.raises(ValueError, match="no classes"):
+        model.init(jax.random.key(0), x, t, labels=jnp.array([0, 1], jnp.int32))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(dim=20), "must divide every width"),
+        (dict(dim_mults=()), "at least one multiplier"),
+        (dict(class_null=True), "need num_classes"),
+        (dict(class_channel=True), "need num_classes"),
+        (dict(num_classes=0), "num_classes must be positive"),
+        (dict(learned_sinusoidal_dim=15), "positive even"),
+        (dict(dtype=jnp.int32), "dtype must be"),
+    ],
+)
+def test_bad_configs_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        UNet(**{**TINY, **kwargs})
