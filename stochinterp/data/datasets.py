@@ -1,0 +1,245 @@
+"""From a data config to built datasets, loaders and evaluation examples.
+
+A data config is an ``ml_collections.ConfigDict`` (or any object with these
+attributes) with the fields
+
+* ``name``: ``'photo_patches'``, ``'digits'``, ``'imagenet_folder'`` or
+  ``'imagenet2012'``;
+* ``image_size``: side of the square images (photo_patches: 16 or 32;
+  digits: 8, 16 or 32; imagenet_folder and imagenet2012: any size >= 8);
+* ``data_dir``: where TFDS datasets are built and read; empty means
+  ``$STOCHINTERP_DATA_DIR`` or else ``~/.cache/stochinterp/tfds``;
+* ``source_dir``: the ImageNet folder tree (``imagenet_folder`` only);
+* ``random_flip``: flip training images left-right at random;
+* ``shuffle_seed``: seed of the training order and of the flips.
+
+Datasets other than ``imagenet2012`` are built on first use and reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from stochinterp.data import (
+    digits,
+    imagenet,
+    loader,
+    photo_patches,
+    prepare,
+    transforms,
+)
+
+DATASET_NAMES = ("photo_patches", "digits", "imagenet_folder", "imagenet2012")
+_EVAL_SPLIT = {
+    "photo_patches": "test",
+    "digits": "test",
+    "imagenet_folder": "validation",
+    "imagenet2012": "validation",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+    """What a model needs to know about a dataset.
+
+    Attributes:
+      name: the dataset name.
+      image_size: side of the square images.
+      channels: 3 (RGB) or 1 (grey, digits).
+      num_classes: number of labels.
+      split_sizes: examples per split, e.g. ``{'train': 28093, 'test': 9354}``.
+      eval_split: the held-out split (``'test'`` or ``'validation'``).
+      class_names: one name per label.
+    """
+
+    name: str
+    image_size: int
+    channels: int
+    num_classes: int
+    split_sizes: dict[str, int]
+    eval_split: str
+    class_names: tuple[str, ...]
+
+
+def _field(data_config: Any, key: str, default: Any = None) -> Any:
+    if hasattr(data_config, "get"):
+        return data_config.get(key, default)
+    return getattr(data_config, key, default)
+
+
+def validate(data_config: Any) -> None:
+    """Raises ValueError naming the field if the config cannot be served."""
+    name = _field(data_config, "name")
+    if name not in DATASET_NAMES:
+        raise ValueError(
+            f"data.name={name!r} is unknown; choose one of {DATASET_NAMES}"
+        )
+    size = _field(data_config, "image_size")
+    allowed = {
+        "photo_patches": photo_patches.PATCH_SIZES,
+        "digits": digits.IMAGE_SIZES,
+    }.get(name)
+    if allowed is not None and size not in allowed:
+        raise ValueError(
+            f"data.image_size={size!r} is not available for {name}; choose one of "
+            f"{allowed}"
+        )
+    if allowed is None and (not isinstance(size, int) or size < 8):
+        raise ValueError(
+            f"data.image_size={size!r} is not valid for {name}; use an integer >= 8 "
+            "(e.g. 64, 128, 256)"
+        )
+    if name == "imagenet_folder" and not _field(data_config, "source_dir"):
+        built = imagenet.imagenet_folder_builder(
+            size, prepare.resolve_data_dir(_field(data_config, "data_dir")), None
+        )
+        if not built.is_prepared():
+            raise ValueError(
+                "data.source_dir is empty and imagenet_folder/"
+                f"{size} is not built in {built.data_dir!r}; set data.source_dir "
+                f"({imagenet.LAYOUT_HELP})"
+            )
+
+
+def builder(data_config: Any) -> tfds.core.DatasetBuilder:
+    """The dataset's TFDS builder, built into ``data_dir`` if needed."""
+    validate(data_config)
+    name = _field(data_config, "name")
+    size = _field(data_config, "image_size")
+    data_dir = prepare.resolve_data_dir(_field(data_config, "data_dir"))
+    if name == "imagenet2012":
+        return imagenet.imagenet2012_builder(data_dir)
+    if name == "photo_patches":
+        made = photo_patches.PhotoPatches(config=str(size), data_dir=data_dir)
+    elif name == "digits":
+        made = digits.Digits(config=str(size), data_dir=data_dir)
+    else:
+        made = imagenet.imagenet_folder_builder(
+            size, data_dir, _field(data_config, "source_dir") or None
+        )
+    return prepare.prepare(made)
+
+
+def _decode_imagenet2012(record: dict[str, Any], size: int) -> tuple[np.ndarray, int]:
+    image = record["image"]
+    if isinstance(image, bytes | np.bytes_):
+        name = record.get("file_name", b"<imagenet2012 record>")
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        image = transforms.decode_image_bytes(bytes(image), size, name)
+    return image, int(record["label"])
+
+
+def data_source(data_config: Any, split: str) -> tuple[Sequence[Any], loader.DecodeFn]:
+    """The random-access records of a split and the function decoding them.
+
+    Raises:
+      ValueError: the split does not exist; the message lists those that do.
+    """
+    built = builder(data_config)
+    if split not in built.info.splits:
+        raise ValueError(
+            f"split {split!r} does not exist in {built.info.full_name} at "
+            f"{built.data_dir!r}; available: {sorted(built.info.splits)}"
+        )
+    if _field(data_config, "name") == "imagenet2012":
+        size = _field(data_config, "image_size")
+        source = built.as_data_source(
+            split=split, decoders={"image": tfds.decode.SkipDecoding()}
+        )
+        return source, functools.partial(_decode_imagenet2012, size=size)
+    return built.as_data_source(split=split), loader.decode_record
+
+
+def dataset_info(data_config: Any) -> DataInfo:
+    """Image size, channels, classes and split sizes (builds if needed)."""
+    built = builder(data_config)
+    name = _field(data_config, "name")
+    label = built.info.features["label"]
+    return DataInfo(
+        name=name,
+        image_size=_field(data_config, "image_size"),
+        channels=1 if name == "digits" else 3,
+        num_classes=label.num_classes,
+        split_sizes={k: v.num_examples for k, v in built.info.splits.items()},
+        eval_split=_EVAL_SPLIT[name],
+        class_names=tuple(label.names),
+    )
+
+
+def make_loader_from_config(
+    data_config: Any,
+    split: str,
+    global_batch: int,
+    *,
+    train: bool = True,
+    seed: int | None = None,
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    worker_count: int = 0,
+) -> grain.DatasetIterator:
+    """A ``loader.make_loader`` iterator over a split named by the config.
+
+    Args:
+      data_config: the data config (see the module docstring).
+      split: ``'train'``, ``'test'`` or ``'validation'``.
+      global_batch: examples per global batch.
+      train: shuffle every epoch and flip if ``data_config.random_flip``;
+        False reads the records in order without flips.
+      seed: overrides ``data_config.shuffle_seed``.
+      num_epochs: None for an endless stream (default when ``train``);
+        evaluation (``train=False``) defaults to one pass.
+      process_index: overrides ``jax.process_index()``.
+      process_count: overrides ``jax.process_count()``.
+      worker_count: grain worker processes.
+    """
+    source, decode = data_source(data_config, split)
+    if seed is None:
+        seed = int(_field(data_config, "shuffle_seed", 0))
+    if not train and num_epochs is None:
+        num_epochs = 1
+    return loader.make_loader(
+        source,
+        global_batch,
+        seed=seed,
+        shuffle=train,
+        random_flip=train and bool(_field(data_config, "random_flip", False)),
+        num_epochs=num_epochs,
+        process_index=process_index,
+        process_count=process_count,
+        decode=decode,
+        worker_count=worker_count,
+    )
+
+
+def eval_examples(data_config: Any, split: str | None = None, n: int = 16) -> dict:
+    """The first ``n`` records of a split, in stored order, without flips.
+
+    Args:
+      data_config: the data config.
+      split: defaults to the held-out split (``DataInfo.eval_split``).
+      n: number of examples.
+
+    Returns:
+      ``{'image': [n, H, W, C] float32 in [-1, 1], 'label': [n] int32}``.
+    """
+    if split is None:
+        validate(data_config)
+        split = _EVAL_SPLIT[_field(data_config, "name")]
+    source, decode = data_source(data_config, split)
+    if not isinstance(n, int) or not 0 < n <= len(source):
+        raise ValueError(
+            f"n={n!r} examples requested from split {split!r}, which holds "
+            f"{len(source)}; choose 1 <= n <= {len(source)}"
+        )
+    decoded = [decode(record) for record in source.__getitems__(list(range(n)))]
+    images = np.stack([image for image, _ in decoded])
+    labels = np.asarray([label for _, label in decoded], dtype=np.int32)
+    return {"image": transforms.to_unit_range(images), "label": labels}

@@ -1,0 +1,359 @@
+"""ImageNet from a folder tree, and TFDS's own prepared ``imagenet2012``.
+
+``imagenet_folder`` accepts this layout under ``source_dir``::
+
+    train/<class>/<image>          one folder per class (e.g. n01440764/)
+    val/<class>/<image>            either the same class folders, or
+    val/<image>                    flat, with a labels file (see below)
+
+Images are files ending in .JPEG, .jpg, .jpeg or .png (any case); other files
+are skipped and counted in the log. The class list is the sorted list of
+``train/`` folder names and the label is the index in it (for ImageNet this is
+the usual sorted-synset order, the same as TFDS ``imagenet2012``). A flat
+``val/`` needs one of these files, looked up in ``source_dir`` and then in
+``source_dir/val``:
+
+* ``LOC_val_solution.csv`` (the Kaggle ImageNet layout): a header line, then
+  ``ImageId,PredictionString`` rows whose prediction string starts with the
+  class name, e.g. ``ILSVRC2012_val_00008726,n02119789 255 142 454 329 ...``;
+* ``val_labels.txt``: one ``<file name> <class name>`` pair per line.
+
+File names in a labels file may omit the extension. ``val/`` may be missing
+(only ``train`` is then built); ``validation`` is the split name, as in TFDS.
+
+Every image goes through ``transforms.center_crop_adm`` (halve with a box
+filter while the short side is at least twice the target, bicubic resize of
+the short side to the target, central square) after ``transforms.to_rgb``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import os
+import re
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+
+from stochinterp.data import transforms
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+VAL_LABEL_FILES = ("LOC_val_solution.csv", "val_labels.txt")
+PRESET_SIZES = (64, 128, 256)
+SPLITS = ("train", "validation")
+
+LAYOUT_HELP = (
+    "expected <source_dir>/train/<class>/<image>.JPEG with one folder per "
+    "class, and optionally <source_dir>/val/ holding either the same class "
+    "folders or flat images plus LOC_val_solution.csv or val_labels.txt "
+    "('<file name> <class name>' lines) in <source_dir> or <source_dir>/val"
+)
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _list_images(folder: str) -> tuple[list[str], int]:
+    """Sorted image file names in ``folder`` and the number of other files."""
+    names = sorted(e.name for e in os.scandir(folder) if e.is_file())
+    images = [n for n in names if _is_image(n)]
+    return images, len(names) - len(images)
+
+
+def _class_folders(root: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(root) if e.is_dir())
+
+
+def scan_train(source_dir: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """Lists the class names and ``(path, label)`` pairs of ``train/``.
+
+    Raises:
+      FileNotFoundError: ``source_dir`` or ``source_dir/train`` is missing.
+      ValueError: no class folder or no image was found.
+    """
+    if not os.path.isdir(source_dir):
+        raise FileNotFoundError(
+            f"ImageNet source directory {source_dir!r} does not exist; set "
+            f"data.source_dir to the folder that holds train/ ({LAYOUT_HELP})"
+        )
+    train = os.path.join(source_dir, "train")
+    if not os.path.isdir(train):
+        raise FileNotFoundError(
+            f"no train/ folder in {source_dir!r} (found: "
+            f"{sorted(os.listdir(source_dir))[:10]}); {LAYOUT_HELP}"
+        )
+    classes = _class_folders(train)
+    if not classes:
+        raise ValueError(f"{train!r} holds no class folders; {LAYOUT_HELP}")
+    files, skipped = [], 0
+    for label, name in enumerate(classes):
+        images, other = _list_images(os.path.join(train, name))
+        skipped += other
+        files.extend((os.path.join(train, name, image), label) for image in images)
+    if not files:
+        raise ValueError(
+            f"the class folders of {train!r} hold no image files "
+            f"({', '.join(IMAGE_EXTENSIONS)}); {LAYOUT_HELP}"
+        )
+    if skipped:
+        logging.warning("Skipped %d non-image files under %s", skipped, train)
+    return classes, files
+
+
+def _find_val_labels(source_dir: str) -> str | None:
+    for folder in (source_dir, os.path.join(source_dir, "val")):
+        for name in VAL_LABEL_FILES:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def read_val_labels(path: str) -> dict[str, str]:
+    """Reads a validation labels file into ``{file stem: class name}``.
+
+    Raises:
+      ValueError: a line does not parse; the message gives file and line.
+    """
+    labels = {}
+    with open(path, newline="") as f:
+        if path.endswith(".csv"):
+            rows = list(csv.reader(f))[1:]
+            first_line = 2
+        else:
+            rows = [line.split() for line in f]
+            first_line = 1
+        for number, row in enumerate(rows, start=first_line):
+            if not row:
+                continue
+            image = row[0]
+            rest = row[1].split() if path.endswith(".csv") and len(row) > 1 else row[1:]
+            if not rest:
+                raise ValueError(
+                    f"{path}, line {number}: no class name after {image!r}; "
+                    "expected '<file name> <class name>' (or ImageId,PredictionString "
+                    "rows in LOC_val_solution.csv)"
+                )
+            labels[os.path.splitext(image)[0]] = rest[0]
+    return labels
+
+
+def scan_validation(source_dir: str, classes: list[str]) -> list[tuple[str, int]]:
+    """Lists the ``(path, label)`` pairs of ``val/`` (empty if it is missing).
+
+    Raises:
+      ValueError: an unknown class folder or label, an image without a label,
+        a flat ``val/`` without a labels file, or no image at all.
+    """
+    val = os.path.join(source_dir, "val")
+    if not os.path.isdir(val):
+        logging.warning("No val/ folder in %s: building the train split only", val)
+        return []
+    index = {name: i for i, name in enumerate(classes)}
+    folders = _class_folders(val)
+    if folders:
+        unknown = sorted(set(folders) - set(index))
+        if unknown:
+            raise ValueError(
+                f"class folders {unknown[:5]} in {val!r} have no match in train/; "
+                "validation classes must be a subset of the training classes"
+            )
+        files = []
+        for name in folders:
+            images, _ = _list_images(os.path.join(val, name))
+            files.extend((os.path.join(val, name, i), index[name]) for i in images)
+    else:
+        files = _flat_validation(source_dir, val, index)
+    if not files:
+        raise ValueError(f"{val!r} holds no image files; {LAYOUT_HELP}")
+    return files
+
+
+def _flat_validation(
+    source_dir: str, val: str, index: dict[str, int]
+) -> list[tuple[str, int]]:
+    images, _ = _list_images(val)
+    if not images:
+        return []
+    labels_path = _find_val_labels(source_dir)
+    if labels_path is None:
+        raise FileNotFoundError(
+            f"{val!r} holds images but no class folders and no labels file; put "
+            f"one of {VAL_LABEL_FILES} in {source_dir!r} or {val!r} ({LAYOUT_HELP})"
+        )
+    labels = read_val_labels(labels_path)
+    files = []
+    for image in images:
+        name = labels.get(os.path.splitext(image)[0])
+        if name is None:
+            raise ValueError(
+                f"validation image {os.path.join(val, image)!r} has no entry in "
+                f"{labels_path!r}; add its label or remove the image"
+            )
+        if name not in index:
+            raise ValueError(
+                f"{labels_path!r} gives {image!r} the class {name!r}, which is not "
+                "a folder of train/"
+            )
+        files.append((os.path.join(val, image), index[name]))
+    return files
+
+
+@dataclasses.dataclass
+class ImageSizeConfig(tfds.core.BuilderConfig):
+    """Side of the stored square images."""
+
+    image_size: int = 64
+
+
+def size_config(image_size: int) -> ImageSizeConfig:
+    """The builder config for ``image_size`` (presets 64, 128, 256; any size)."""
+    if not isinstance(image_size, int) or image_size < 8:
+        raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
+    return ImageSizeConfig(
+        name=str(image_size),
+        image_size=image_size,
+        description=f"ADM centre crops of {image_size}x{image_size}",
+    )
+
+
+class ImagenetFolder(tfds.core.GeneratorBasedBuilder):
+    """TFDS builder of ``imagenet_folder/<size>`` from a folder tree.
+
+    Args (constructor, besides TFDS's ``config`` and ``data_dir``):
+      source_dir: the folder holding ``train/`` (and ``val/``); needed only to
+        build, not to read a built copy.
+      num_threads: threads decoding images while building.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First version."}
+    BUILDER_CONFIGS = [size_config(size) for size in PRESET_SIZES]
+
+    def __init__(
+        self, *, source_dir: str | None = None, num_threads: int | None = None, **kwargs
+    ):
+        self._source_dir = source_dir
+        self._num_threads = num_threads or min(16, os.cpu_count() or 1)
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        size = self.builder_config.image_size
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Tensor(
+                        shape=(size, size, 3), dtype=np.uint8
+                    ),
+                    "label": tfds.features.ClassLabel(),
+                    "file_name": tfds.features.Text(),
+                }
+            ),
+            supervised_keys=("image", "label"),
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        if self._source_dir is None:
+            raise ValueError(
+                f"imagenet_folder/{self.builder_config.name} is not built in "
+                f"{self.data_dir!r} and no source_dir was given; set data.source_dir "
+                f"({LAYOUT_HELP})"
+            )
+        source_dir = os.path.abspath(os.path.expanduser(self._source_dir))
+        classes, train = scan_train(source_dir)
+        validation = scan_validation(source_dir, classes)
+        self.info.features["label"].names = classes
+        self.info.metadata["source_dir"] = source_dir
+        splits = {
+            "train": self._generate_examples(train, os.path.join(source_dir, "train"))
+        }
+        if validation:
+            val = os.path.join(source_dir, "val")
+            splits["validation"] = self._generate_examples(validation, val)
+        return splits
+
+    def _generate_examples(self, files: list[tuple[str, int]], root: str):
+        size = self.builder_config.image_size
+        chunk = 64 * self._num_threads
+        with concurrent.futures.ThreadPoolExecutor(self._num_threads) as pool:
+            for start in range(0, len(files), chunk):
+                part = files[start : start + chunk]
+                images = pool.map(
+                    lambda item: transforms.decode_image_file(item[0], size), part
+                )
+                for (path, label), image in zip(part, images, strict=True):
+                    name = os.path.relpath(path, root)
+                    yield name, {"image": image, "label": label, "file_name": name}
+
+
+def imagenet_folder_builder(
+    image_size: int, data_dir: str, source_dir: str | None
+) -> ImagenetFolder:
+    """An ``ImagenetFolder`` builder (not yet built) for ``image_size``.
+
+    Raises:
+      ValueError: a built copy in ``data_dir`` came from another source folder.
+    """
+    config = size_config(image_size)
+    if image_size in PRESET_SIZES:
+        config = config.name
+    builder = ImagenetFolder(config=config, data_dir=data_dir, source_dir=source_dir)
+    if builder.is_prepared() and source_dir:
+        built_from = builder.info.metadata.get("source_dir")
+        wanted = os.path.abspath(os.path.expanduser(source_dir))
+        if built_from and built_from != wanted:
+            raise ValueError(
+                f"{builder.data_dir!r} was built from {built_from!r}, not from "
+                f"source_dir {wanted!r}; use another data_dir or delete that folder"
+            )
+    return builder
+
+
+_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
+
+
+def imagenet2012_builder(data_dir: str) -> tfds.core.DatasetBuilder:
+    """Opens TFDS's ``imagenet2012`` prepared as array_record in ``data_dir``.
+
+    Raises:
+      FileNotFoundError: no prepared copy; the message says how to make one.
+      ValueError: the prepared copy is not in the array_record format.
+    """
+    root = os.path.join(data_dir, "imagenet2012")
+    versions = []
+    if os.path.isdir(root):
+        versions = sorted(
+            (tuple(int(p) for p in name.split(".")), name)
+            for name in os.listdir(root)
+            if _VERSION.match(name)
+            and os.path.isfile(os.path.join(root, name, "dataset_info.json"))
+        )
+    if not versions:
+        raise FileNotFoundError(
+            f"TFDS imagenet2012 is not prepared in {root!r} (expected a version "
+            "folder such as 5.1.0/ with dataset_info.json and *.array_record-* "
+            "files). Prepare it once where TensorFlow is installed, with the "
+            "ILSVRC2012 tar files in a manual dir: `tfds build imagenet2012 "
+            f"--data_dir={data_dir} --manual_dir=<tars> "
+            "--file_format=array_record`, and point data.data_dir at it; or use "
+            "data.name='imagenet_folder' with data.source_dir set to a folder "
+            "tree of JPEGs"
+        )
+    builder = tfds.builder_from_directory(os.path.join(root, versions[-1][1]))
+    file_format = builder.info.file_format
+    if file_format is None or file_format.value != "array_record":
+        raise ValueError(
+            f"imagenet2012 in {builder.data_dir!r} is stored as {file_format}, "
+            "which random access cannot read; convert it with `tfds "
+            "convert_format --dataset_dir=... --out_file_format=array_record` "
+            "or prepare it again with --file_format=array_record"
+        )
+    return builder

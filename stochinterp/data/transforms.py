@@ -1,0 +1,111 @@
+"""Image conversions shared by the dataset builders and the loader.
+
+Stored images are ``uint8`` arrays in HWC order; the loader hands the model
+``float32`` NHWC arrays in ``[-1, 1]``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Converts any PIL image mode to 8-bit RGB.
+
+    Grey images (``L``, ``1``, and 16-bit ``I;16`` rescaled by 1/257) repeat
+    the grey value in the three channels, palette images are expanded, CMYK
+    uses PIL's conversion (``R = (255 - C) * (255 - K) / 255``, and so on), and an
+    alpha channel (``RGBA``, ``LA``, ``P`` with transparency) is dropped
+    without compositing, as ADM's ImageNet loader does.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16"):
+        # 16-bit grey: PIL's own conversion clips at 255 instead of rescaling.
+        grey = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.round(grey).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def center_crop_adm(image: Image.Image, size: int) -> np.ndarray:
+    """Resizes and centre-crops an image the way ADM prepares ImageNet.
+
+    While the short side is at least ``2 * size`` the image is halved with a
+    box filter (new size ``(w // 2, h // 2)``); then a bicubic resize brings
+    the short side to ``size`` (the long side to ``round(long * scale)``);
+    finally the central ``size x size`` square is cut out, with the extra
+    pixel of an odd margin on the bottom/right.
+
+    Args:
+      image: a PIL image of any size and mode (converted with ``to_rgb``).
+      size: side of the square output, positive.
+
+    Returns:
+      ``[size, size, 3]`` uint8 array.
+    """
+    if size <= 0:
+        raise ValueError(f"crop size must be positive, got {size}")
+    image = to_rgb(image)
+    while min(image.size) >= 2 * size:
+        image = image.resize(
+            tuple(side // 2 for side in image.size), resample=Image.Resampling.BOX
+        )
+    scale = size / min(image.size)
+    image = image.resize(
+        tuple(round(side * scale) for side in image.size),
+        resample=Image.Resampling.BICUBIC,
+    )
+    array = np.asarray(image)
+    top = (array.shape[0] - size) // 2
+    left = (array.shape[1] - size) // 2
+    return np.ascontiguousarray(array[top : top + size, left : left + size])
+
+
+def decode_image_file(path: str | os.PathLike, size: int) -> np.ndarray:
+    """Reads an image file and returns its ADM centre crop.
+
+    Args:
+      path: an image file PIL can read (JPEG, PNG, ...), whatever its name.
+      size: side of the square output.
+
+    Returns:
+      ``[size, size, 3]`` uint8 array.
+
+    Raises:
+      ValueError: the file cannot be read or decoded; the message names it.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return center_crop_adm(image, size)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(
+            f"cannot decode image file {os.fspath(path)!r} ({err}). The file is "
+            "corrupt, truncated or not an image: remove it, or replace it with a "
+            "good copy from the original archive, then build the dataset again"
+        ) from err
+
+
+def decode_image_bytes(data: bytes, size: int, name: str = "<bytes>") -> np.ndarray:
+    """Like ``decode_image_file`` for encoded bytes (e.g. a stored JPEG)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return center_crop_adm(image, size)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"cannot decode stored image {name!r} ({err})") from err
+
+
+def to_unit_range(images: np.ndarray) -> np.ndarray:
+    """Maps uint8 ``[..., H, W, C]`` pixels to float32 in ``[-1, 1]``."""
+    return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def from_unit_range(images: np.ndarray) -> np.ndarray:
+    """Inverse of ``to_unit_range``, clipping and rounding to uint8."""
+    pixels = (np.asarray(images, dtype=np.float32) + 1.0) * 127.5
+    return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
