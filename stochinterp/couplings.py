@@ -7,11 +7,30 @@ the network is conditioned on. Write your own by returning a
 
 Conventions: images are NHWC in [-1, 1]; ``mask`` is ``[batch, H, W, 1]`` with
 1 = known pixel, 0 = missing pixel.
+
+Example, a user-defined colourisation coupling (the base sample is the grey
+image plus noise, and the network sees the grey image as one extra channel):
+
+    def colourise(key, x1, labels=None, sigma=0.5):
+        grey = jnp.mean(x1, axis=-1, keepdims=True)        # [B, H, W, 1]
+        center = jnp.broadcast_to(grey, x1.shape)           # [B, H, W, C]
+        zeta = jax.random.normal(key, x1.shape, x1.dtype)
+        return CouplingSample(
+            x0=center + sigma * zeta, center=center, sigma=sigma,
+            cond=grey, labels=labels,
+        )
+
+    loss_fn = losses.make_loss_fn(model.apply, interpolants.linear(),
+                                  colourise, t_min=0.0, t_max=1.0)
+
+The network must accept ``cond`` with one channel; ``mask`` stays None
+because every pixel moves. ``tests/test_couplings.py`` runs this example.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable
 
 import flax.struct
@@ -57,6 +76,11 @@ def _check_probability(name: str, p: float) -> None:
         raise ValueError(f"{name} must lie in [0, 1], got {p}")
 
 
+def _check_positive_int(name: str, n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"{name} must be a positive integer, got {n!r}")
+
+
 def _check_divisible(x_shape: tuple, n: int, what: str) -> None:
     if len(x_shape) != 4:
         raise ValueError(f"expected images [batch, H, W, C], got shape {x_shape}")
@@ -82,6 +106,8 @@ def tile_mask(key: jax.Array, shape: tuple, grid: int = 8, p: float = 0.3) -> ja
     Returns:
       [batch, H, W, 1] float32 mask, 1 = known pixel, 0 = hidden pixel.
     """
+    _check_positive_int("tile grid", grid)
+    _check_probability("hidden-tile probability p", p)
     _check_divisible(tuple(shape), grid, "tile grid")
     batch, height, width = shape[0], shape[1], shape[2]
     hidden = jax.random.bernoulli(key, p, (batch, grid, grid))
@@ -93,6 +119,7 @@ def tile_mask(key: jax.Array, shape: tuple, grid: int = 8, p: float = 0.3) -> ja
 
 def box_downsample(x: jax.Array, factor: int) -> jax.Array:
     """Averages factor x factor blocks: [B, H, W, C] -> [B, H/f, W/f, C]."""
+    _check_positive_int("super-resolution factor", factor)
     _check_divisible(x.shape, factor, "super-resolution factor")
     b, h, w, c = x.shape
     blocks = x.reshape(b, h // factor, factor, w // factor, factor, c)
@@ -101,6 +128,7 @@ def box_downsample(x: jax.Array, factor: int) -> jax.Array:
 
 def nearest_upsample(x: jax.Array, factor: int) -> jax.Array:
     """Repeats each pixel factor x factor times: [B, h, w, C] -> [B, fh, fw, C]."""
+    _check_positive_int("super-resolution factor", factor)
     return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
 
 
@@ -154,15 +182,20 @@ class InpaintingCoupling:
     """x0 = mask * x1 + (1 - mask) * zeta, tiles hidden with probability p.
 
     The mask goes to the network as one input channel and the network output
-    is multiplied by (1 - mask): known pixels never move.
+    is multiplied by (1 - mask): known pixels never move. ``losses`` holds x_t
+    at x1 on known pixels for every interpolant (for the linear path with
+    gamma = 0 the interpolant does so by itself), matching the samplers.
+
+    Attributes:
+      grid: tiles per image side; H and W must be divisible by it.
+      p: probability that a tile is hidden, in [0, 1].
     """
 
     grid: int = 8
     p: float = 0.3
 
     def __post_init__(self):
-        if self.grid <= 0:
-            raise ValueError(f"tile grid must be a positive integer, got {self.grid}")
+        _check_positive_int("tile grid", self.grid)
         _check_probability("hidden-tile probability p", self.p)
 
     def check_image_shape(self, shape: tuple) -> None:
@@ -199,8 +232,7 @@ class SuperResolutionCoupling:
     sigma: float = 1.0
 
     def __post_init__(self):
-        if self.factor < 1:
-            raise ValueError(f"super-resolution factor must be >= 1, got {self.factor}")
+        _check_positive_int("super-resolution factor", self.factor)
         if not self.sigma >= 0:
             raise ValueError(f"super-resolution sigma must be >= 0, got {self.sigma}")
 
@@ -242,8 +274,7 @@ class ClassConditioning:
     class_channel: bool = False
 
     def __post_init__(self):
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        _check_positive_int("num_classes", self.num_classes)
         _check_probability("label drop probability p_uncond", self.p_uncond)
 
     def check_image_shape(self, shape: tuple) -> None:

@@ -22,7 +22,22 @@ class Interpolant:
 
     Each function maps time ``t`` (any shape) to an array of the same shape.
     Boundary conditions: alpha(0) = beta(1) = 1, alpha(1) = beta(0) = 0,
-    gamma(0) = gamma(1) = 0.
+    gamma(0) = gamma(1) = 0. The families built here meet them exactly in
+    floating point, so ``x_t(0) == x0`` and ``x_t(1) == x1`` bit for bit.
+
+    Attributes:
+      alpha, beta, gamma: the coefficient functions.
+      alpha_dot, beta_dot, gamma_dot: their time derivatives.
+      name: a label for logs.
+      has_noise: whether gamma is nonzero (then x_t needs a latent z).
+      singular_ends: whether gamma_dot is unbounded at t = 0 and t = 1 (the
+        square-root family); t must then stay inside (0, 1).
+
+    Example:
+
+        path = interpolants.linear()
+        x_t = path.x_t(t, x0, x1)      # t [batch], x0 and x1 [batch, H, W, C]
+        dx_t = path.dx_t(t, x0, x1)    # the regression target
     """
 
     alpha: ScalarFn
@@ -33,6 +48,7 @@ class Interpolant:
     gamma_dot: ScalarFn
     name: str = "custom"
     has_noise: bool = False
+    singular_ends: bool = False
 
     def x_t(
         self, t: jax.Array, x0: jax.Array, x1: jax.Array, z: jax.Array | None = None
@@ -106,34 +122,63 @@ def _gamma_pair(gamma: str, gamma_scale: float) -> tuple[ScalarFn, ScalarFn]:
     raise ValueError(f"gamma must be 'zero' or 'sqrt', got {gamma!r}")
 
 
-def linear(gamma: str = "zero", gamma_scale: float = 1.0) -> Interpolant:
-    """alpha = 1 - t, beta = t (the image experiments' path with gamma = 0)."""
+def _path(
+    name: str,
+    alpha: ScalarFn,
+    beta: ScalarFn,
+    alpha_dot: ScalarFn,
+    beta_dot: ScalarFn,
+    gamma: str,
+    gamma_scale: float,
+) -> Interpolant:
     g, g_dot = _gamma_pair(gamma, gamma_scale)
     return Interpolant(
+        alpha=alpha,
+        beta=beta,
+        alpha_dot=alpha_dot,
+        beta_dot=beta_dot,
+        gamma=g,
+        gamma_dot=g_dot,
+        name=f"{name}+{gamma}" if gamma != "zero" else name,
+        has_noise=gamma != "zero",
+        singular_ends=gamma == "sqrt",
+    )
+
+
+def linear(gamma: str = "zero", gamma_scale: float = 1.0) -> Interpolant:
+    """alpha = 1 - t, beta = t (the image experiments' path with gamma = 0).
+
+    Args:
+      gamma: ``'zero'`` or ``'sqrt'`` (gamma = sqrt(gamma_scale t (1 - t))).
+      gamma_scale: the factor a of the square-root form; must be > 0.
+    """
+    return _path(
+        "linear",
         alpha=lambda t: 1.0 - t,
         beta=lambda t: t,
         alpha_dot=lambda t: -jnp.ones_like(t),
         beta_dot=jnp.ones_like,
-        gamma=g,
-        gamma_dot=g_dot,
-        name=f"linear+{gamma}" if gamma != "zero" else "linear",
-        has_noise=gamma != "zero",
+        gamma=gamma,
+        gamma_scale=gamma_scale,
     )
 
 
 def trigonometric(gamma: str = "zero", gamma_scale: float = 1.0) -> Interpolant:
-    """alpha = cos(pi t / 2), beta = sin(pi t / 2)."""
-    g, g_dot = _gamma_pair(gamma, gamma_scale)
+    """alpha = cos(pi t / 2), beta = sin(pi t / 2).
+
+    alpha is evaluated as sin(pi (1 - t) / 2), which is the same function but
+    is exactly 0 at t = 1 in floating point (cos of the rounded pi / 2 is not).
+    Arguments as in ``linear``.
+    """
     half_pi = jnp.pi / 2
-    return Interpolant(
-        alpha=lambda t: jnp.cos(half_pi * t),
+    return _path(
+        "trigonometric",
+        alpha=lambda t: jnp.sin(half_pi * (1.0 - t)),
         beta=lambda t: jnp.sin(half_pi * t),
         alpha_dot=lambda t: -half_pi * jnp.sin(half_pi * t),
         beta_dot=lambda t: half_pi * jnp.cos(half_pi * t),
-        gamma=g,
-        gamma_dot=g_dot,
-        name=f"trigonometric+{gamma}" if gamma != "zero" else "trigonometric",
-        has_noise=gamma != "zero",
+        gamma=gamma,
+        gamma_scale=gamma_scale,
     )
 
 
@@ -142,46 +187,91 @@ def custom(
     beta: ScalarFn,
     alpha_dot: ScalarFn | None = None,
     beta_dot: ScalarFn | None = None,
-    gamma: str = "zero",
+    gamma: str | ScalarFn = "zero",
     gamma_scale: float = 1.0,
     check_boundaries: bool = True,
+    gamma_dot: ScalarFn | None = None,
 ) -> Interpolant:
-    """An interpolant from a user-given pair alpha, beta.
+    """An interpolant from a user-given pair alpha, beta (and optionally gamma).
 
+    The functions must be elementwise and written with ``jax.numpy``.
     Derivatives not supplied are taken by forward-mode autodiff of the given
-    function (exact, elementwise).
+    function (exact up to rounding). The returned alpha, beta and gamma are
+    pinned to their boundary values at t = 0 and t = 1 exactly, so
+    ``x_t(0) == x0`` and ``x_t(1) == x1`` even when, say, ``cos(pi / 2)``
+    rounds to 4e-8; in between they are the given functions.
+
+    Args:
+      alpha, beta: the coefficient functions of t.
+      alpha_dot, beta_dot: their derivatives, or None for autodiff.
+      gamma: ``'zero'``, ``'sqrt'`` (sqrt(gamma_scale t (1 - t))), or a
+        function of t with gamma(0) = gamma(1) = 0. A user-given gamma whose
+        derivative is unbounded at the ends must be used with t_min > 0 and
+        t_max < 1; nothing here can detect that.
+      gamma_scale: the factor of the ``'sqrt'`` form.
+      check_boundaries: check the boundary values (to 1e-6) before pinning.
+      gamma_dot: the derivative of a user-given gamma, or None for autodiff.
 
     Raises:
       ValueError: if the boundary conditions alpha(0) = beta(1) = 1,
-        alpha(1) = beta(0) = 0 do not hold (to 1e-6).
+        alpha(1) = beta(0) = 0 (and gamma(0) = gamma(1) = 0 for a user-given
+        gamma) do not hold to 1e-6.
+
+    Example:
+
+        path = interpolants.custom(
+            alpha=lambda t: (1 - t) ** 2, beta=lambda t: 1 - (1 - t) ** 2
+        )
     """
+    user_gamma = callable(gamma)
     if check_boundaries:
-        ends = jnp.array([0.0, 1.0])
-        a, b = alpha(ends), beta(ends)
-        want_a, want_b = jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0])
-        if not (
-            jnp.allclose(a, want_a, atol=1e-6) and jnp.allclose(b, want_b, atol=1e-6)
-        ):
-            raise ValueError(
-                "custom interpolant must satisfy alpha(0)=1, alpha(1)=0, beta(0)=0, "
-                f"beta(1)=1; got alpha(0, 1)={a.tolist()}, beta(0, 1)={b.tolist()}"
-            )
-    g, g_dot = _gamma_pair(gamma, gamma_scale)
+        _check_ends("alpha", alpha, 1.0, 0.0)
+        _check_ends("beta", beta, 0.0, 1.0)
+        if user_gamma:
+            _check_ends("gamma", gamma, 0.0, 0.0)
+    if user_gamma:
+        g = _pinned(gamma, 0.0, 0.0)
+        g_dot = gamma_dot or _elementwise_derivative(gamma)
+        has_noise, singular, label = True, False, "custom+user"
+    else:
+        g, g_dot = _gamma_pair(gamma, gamma_scale)
+        has_noise, singular = gamma != "zero", gamma == "sqrt"
+        label = f"custom+{gamma}" if has_noise else "custom"
     return Interpolant(
-        alpha=alpha,
-        beta=beta,
+        alpha=_pinned(alpha, 1.0, 0.0),
+        beta=_pinned(beta, 0.0, 1.0),
         alpha_dot=alpha_dot or _elementwise_derivative(alpha),
         beta_dot=beta_dot or _elementwise_derivative(beta),
         gamma=g,
         gamma_dot=g_dot,
-        name=f"custom+{gamma}" if gamma != "zero" else "custom",
-        has_noise=gamma != "zero",
+        name=label,
+        has_noise=has_noise,
+        singular_ends=singular,
     )
+
+
+def _check_ends(name: str, fn: ScalarFn, at0: float, at1: float) -> None:
+    got = jnp.asarray(fn(jnp.array([0.0, 1.0])))
+    if not jnp.allclose(got, jnp.array([at0, at1]), atol=1e-6):
+        raise ValueError(
+            f"custom interpolant needs {name}(0)={at0} and {name}(1)={at1}; got "
+            f"{name}(0)={float(got[0])}, {name}(1)={float(got[1])}"
+        )
+
+
+def _pinned(fn: ScalarFn, at0: float, at1: float) -> ScalarFn:
+    """fn with its values at t = 0 and t = 1 set exactly to at0 and at1."""
+
+    def pinned(t):
+        t = jnp.asarray(t)
+        return jnp.where(t == 0, at0, jnp.where(t == 1, at1, fn(t)))
+
+    return pinned
 
 
 def _elementwise_derivative(fn: ScalarFn) -> ScalarFn:
     def derivative(t):
-        t = jnp.asarray(t, jnp.float32)
+        t = jnp.asarray(t, jnp.result_type(float))
         return jax.jvp(fn, (t,), (jnp.ones_like(t),))[1]
 
     return derivative
@@ -201,15 +291,40 @@ def from_config(
     return _FAMILIES[name](gamma=gamma, gamma_scale=gamma_scale)
 
 
-def check_time_range(t_min: float, t_max: float) -> None:
-    """Raises unless 0 <= t_min < t_max <= 1."""
+def check_time_range(
+    t_min: float, t_max: float, interpolant: Interpolant | None = None
+) -> None:
+    """Raises a ValueError unless 0 <= t_min < t_max <= 1.
+
+    Given an interpolant whose gamma_dot is unbounded at the ends (the
+    square-root family), it also requires 0 < t_min and t_max < 1.
+    """
     if not 0.0 <= t_min < t_max <= 1.0:
         raise ValueError(
             f"time range must satisfy 0 <= t_min < t_max <= 1, got "
             f"t_min={t_min}, t_max={t_max}"
         )
+    if interpolant is not None and interpolant.singular_ends:
+        if t_min <= 0.0 or t_max >= 1.0:
+            raise ValueError(
+                f"interpolant {interpolant.name!r} has gamma_dot unbounded at "
+                f"t = 0 and t = 1; need 0 < t_min and t_max < 1, got "
+                f"t_min={t_min}, t_max={t_max}"
+            )
 
 
 def sample_times(key: jax.Array, n: int, t_min: float, t_max: float) -> jax.Array:
-    """Draws n times uniformly from [t_min, t_max]: one per example, shape [n]."""
+    """Draws n times uniformly from [t_min, t_max): one per example.
+
+    Args:
+      key: PRNG key.
+      n: number of times.
+      t_min, t_max: the range; checked with ``check_time_range`` when given
+        as Python numbers.
+
+    Returns:
+      [n] times.
+    """
+    if isinstance(t_min, (int, float)) and isinstance(t_max, (int, float)):
+        check_time_range(t_min, t_max)
     return jax.random.uniform(key, (n,), minval=t_min, maxval=t_max)
