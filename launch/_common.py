@@ -1,0 +1,85 @@
+"""Start-up shared by the launchers: devices, processes, logging, workdir.
+
+Nothing here imports jax at module level: XLA reads its flags when jax is
+first imported, so the device count must be set before that.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import flags
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(_REPO, "configs", "inpaint_photos16.py")
+if _REPO not in sys.path:  # experiment configs import configs.base
+    sys.path.insert(0, _REPO)
+
+flags.DEFINE_integer(
+    "cpu_devices",
+    None,
+    "XLA devices on the CPU platform (default: one per core). Ignored by "
+    "GPU/TPU platforms.",
+)
+flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (multi-process)"
+)
+flags.DEFINE_integer("num_processes", None, "number of processes (default 1)")
+flags.DEFINE_integer("process_id", None, "index of this process")
+
+FLAGS = flags.FLAGS
+
+
+def set_cpu_devices() -> None:
+    """Sets ``--xla_force_host_platform_device_count`` before jax is imported."""
+    if "jax" in sys.modules:
+        raise RuntimeError("set_cpu_devices must run before jax is imported")
+    count = FLAGS.cpu_devices if FLAGS.cpu_devices is not None else os.cpu_count() or 1
+    if count < 1:
+        raise ValueError(f"--cpu_devices must be >= 1, got {count}")
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in xla_flags:
+        os.environ["XLA_FLAGS"] = (
+            f"{xla_flags} --xla_force_host_platform_device_count={count}".strip()
+        )
+
+
+def check_workdir(workdir: str) -> str:
+    """Creates ``workdir`` and checks that it is writable; returns its absolute path."""
+    if not workdir:
+        raise ValueError(
+            "--workdir is required: the folder for checkpoints and outputs"
+        )
+    path = os.path.abspath(os.path.expanduser(workdir))
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(
+            f"error: workdir {workdir!r} is not writable ({e.strerror}); choose "
+            "another --workdir or fix its permissions"
+        ) from None
+    return path
+
+
+def start(workdir: str) -> str:
+    """Devices, processes and logging, in that order; returns the workdir."""
+    path = check_workdir(workdir)
+    set_cpu_devices()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("absl", "jax._src", "orbax", "etils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from stochinterp import sharding
+
+    sharding.initialize_distributed(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
+    return path

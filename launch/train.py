@@ -1,0 +1,37 @@
+"""Trains a model, then evaluates it: the main job.
+
+    python -m launch.train --config configs/inpaint_photos16.py --workdir DIR
+
+Writes ``DIR/checkpoints``, ``DIR/train_log.jsonl``, ``DIR/config.json`` and,
+for in-painting, ``DIR/samples/inpaint.png`` and ``DIR/metrics.json``.
+Running it again on the same workdir resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from launch import _common
+
+config_flags.DEFINE_config_file(
+    "config", _common.DEFAULT_CONFIG, "experiment config file"
+)
+flags.DEFINE_string("workdir", None, "output folder (created if missing)")
+flags.DEFINE_bool("evaluate", True, "evaluate after training")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    workdir = _common.start(FLAGS.workdir)
+    config = FLAGS.config
+
+    from stochinterp import pipeline
+
+    pipeline.train_and_evaluate(config, workdir, evaluate_after=FLAGS.evaluate)
+
+
+if __name__ == "__main__":
+    app.run(main)

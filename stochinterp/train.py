@@ -1,0 +1,311 @@
+"""The training loop: a thin client of the library.
+
+Reads like the algorithm: draw a batch, draw the coupling and a time per
+example, regress the velocity, update Adam and the EMA; log every k steps,
+checkpoint every k steps and at the end. Resumes automatically from the
+latest complete checkpoint in the workdir; SIGTERM saves and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from stochinterp import checkpointing, couplings, interpolants, losses, sharding
+from stochinterp import data as data_lib
+from stochinterp import train_state as ts
+from stochinterp.models.unet import UNet
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a training run leaves behind.
+
+    Attributes:
+      state: the final train state (replicated on the mesh).
+      history: per-step host values, e.g. ``history['mse'][i]`` for step i
+        of this run (steps before a resume are not included).
+      first_step: the step this run started from (0, or the resumed step).
+      preempted: True when SIGTERM ended the run before ``train.num_steps``.
+      out_of_time: True when ``train.max_seconds`` ended the run early.
+    """
+
+    state: ts.TrainState
+    history: dict
+    first_step: int
+    preempted: bool = False
+    out_of_time: bool = False
+
+
+def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """(H, W, C) of the configured dataset."""
+    size = config.data.image_size
+    return size, size, 1 if config.data.name == "digits" else 3
+
+
+def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
+    """Checks values that would otherwise fail late; raises before any work."""
+    tc = config.train
+    sharding.check_global_batch(tc.global_batch, mesh)
+    interpolants.check_time_range(tc.t_min, tc.t_max)
+    for name in ("num_steps", "log_every", "checkpoint_every", "loss_time_bins"):
+        if tc[name] < 1:
+            raise ValueError(f"train.{name} must be >= 1, got {tc[name]}")
+    if not 0.0 <= tc.ema_decay < 1.0:
+        raise ValueError(f"train.ema_decay must lie in [0, 1), got {tc.ema_decay}")
+    if config.model.dtype not in ("float32", "bfloat16"):
+        raise ValueError(
+            f"model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}"
+        )
+    couplings.from_config(config.coupling).check_image_shape((1, *image_shape(config)))
+
+
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Creates the workdir layout and saves the resolved config; fails fast."""
+    try:
+        os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
+        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(
+            f"workdir {workdir!r} is not writable ({e.strerror}); choose another "
+            "--workdir or fix its permissions"
+        ) from e
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+
+def build_model(config: ml_collections.ConfigDict, image_channels: int) -> UNet:
+    """The U-Net of ``config.model``, sized for the coupling and the loss."""
+    mc, cc = config.model, config.coupling
+    out_channels = image_channels * (2 if config.train.denoiser else 1)
+    return UNet(
+        dim=mc.dim,
+        dim_mults=tuple(mc.dim_mults),
+        out_channels=out_channels,
+        resnet_block_groups=mc.resnet_block_groups,
+        learned_sinusoidal=mc.learned_sinusoidal,
+        learned_sinusoidal_dim=mc.learned_sinusoidal_dim,
+        attn_heads=mc.attn_heads,
+        attn_dim_head=mc.attn_dim_head,
+        num_classes=cc.num_classes or None,
+        class_null=bool(cc.num_classes) and cc.p_uncond > 0,
+        class_channel=cc.class_channel,
+        dtype=jnp.bfloat16 if mc.dtype == "bfloat16" else jnp.float32,
+    )
+
+
+def setup(config: ml_collections.ConfigDict, mesh):
+    """Builds the coupling, path, network, loss and optimizer from the config."""
+    coupling = couplings.from_config(config.coupling)
+    interpolant = interpolants.from_config(
+        config.interpolant.name,
+        config.interpolant.gamma,
+        config.interpolant.gamma_scale,
+    )
+    shape = image_shape(config)
+    model = build_model(config, image_channels=shape[-1])
+    loss_fn = losses.make_loss_fn(
+        model.apply,
+        interpolant,
+        coupling,
+        config.train.t_min,
+        config.train.t_max,
+        denoiser=config.train.denoiser,
+    )
+    optimizer = ts.make_optimizer(config.optim)
+    return coupling, interpolant, model, loss_fn, optimizer
+
+
+def init_state(config, model, optimizer, coupling, mesh) -> ts.TrainState:
+    """Initialises parameters and optimizer state, replicated on the mesh."""
+    shape = image_shape(config)
+    key = jax.random.key(config.seed)
+    key_init, key_train, key_couple = jax.random.split(key, 3)
+    x1 = jnp.zeros((1, *shape), jnp.float32)
+    labels = jnp.zeros((1,), jnp.int32) if config.coupling.num_classes else None
+    sample = coupling(key_couple, x1, labels)
+
+    def init():
+        params = model.init(
+            key_init, sample.x0, jnp.zeros((1,)), cond=sample.cond, labels=sample.labels
+        )
+        return ts.create_train_state(params, optimizer, key_train)
+
+    return jax.jit(init, out_shardings=sharding.replicated(mesh))()
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag that the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            log.warning("SIGTERM received: saving a checkpoint and stopping")
+            self.requested = True
+
+        try:
+            self._previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not in the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _raise_if_bad(state: ts.TrainState) -> None:
+    bad = int(jax.device_get(state.bad_step))
+    if bad >= 0:
+        raise FloatingPointError(
+            f"non-finite loss or gradient at step {bad}; training stopped. The "
+            "last checkpoint holds finite values: lower optim.learning_rate or "
+            "check the data, then resume."
+        )
+
+
+class _Logger:
+    """One line per ``every`` steps: step, loss, mse, steps/s, ETA."""
+
+    def __init__(self, workdir: str, first_step: int, num_steps: int):
+        self.first_step = first_step
+        self.num_steps = num_steps
+        self.pending: list = []
+        self.history = {"loss": [], "mse": [], "grad_norm": []}
+        self.bins = None
+        self.last_time = time.time()
+        self.last_step = first_step
+        self.path = os.path.join(workdir, "train_log.jsonl")
+
+    def add(self, metrics: dict) -> None:
+        self.pending.append(metrics)
+
+    def flush(self, step: int) -> dict:
+        host = jax.device_get(self.pending)
+        self.pending = []
+        for name in self.history:
+            self.history[name].extend(float(m[name]) for m in host)
+        sums = np.sum([m["mse_bin_sums"] for m in host], axis=0)
+        counts = np.sum([m["mse_bin_counts"] for m in host], axis=0)
+        now = time.time()
+        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_step = now, step
+        record = {
+            "step": step,
+            "loss": self.history["loss"][-1],
+            "mse": float(np.mean(self.history["mse"][-len(host) :])),
+            "steps_per_s": rate,
+            "eta_s": (self.num_steps - step) / max(rate, 1e-9),
+            "mse_by_time_bin": (sums / np.maximum(counts, 1)).round(4).tolist(),
+        }
+        if jax.process_index() == 0:
+            log.info(
+                "step %d/%d  loss %.4f  mse %.4f  %.2f steps/s  ETA %.0fs",
+                step,
+                self.num_steps,
+                record["loss"],
+                record["mse"],
+                rate,
+                record["eta_s"],
+            )
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
+
+
+def _model_inputs(batch: dict, config) -> dict:
+    """Keeps the labels only for class-conditional models."""
+    if config.coupling.num_classes:
+        return batch
+    return {"image": batch["image"]}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> TrainResult:
+    """Trains (or resumes) the configured model in ``workdir``.
+
+    Args:
+      config: the full config (see ``configs/base.py``).
+      workdir: output folder: ``checkpoints/``, ``train_log.jsonl``,
+        ``config.json``.
+      mesh: the device mesh; default all devices of all processes.
+    """
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    validate_config(config, mesh)
+    prepare_workdir(workdir, config)
+    coupling, _, model, loss_fn, optimizer = setup(config, mesh)
+    data_lib.validate(config.data)
+    loader = data_lib.make_loader_from_config(
+        config.data, split="train", global_batch=config.train.global_batch
+    )
+
+    state = init_state(config, model, optimizer, coupling, mesh)
+    tc = config.train
+    manager = checkpointing.make_manager(
+        os.path.join(workdir, "checkpoints"), tc.keep_checkpoints, tc.async_checkpoint
+    )
+    restored = checkpointing.restore_latest(manager, state, mesh)
+    first_step = 0
+    if restored is not None:
+        first_step, state, data_state = restored
+        if data_state is not None:
+            loader.set_state(data_state)
+        log.info("resumed from checkpoint at step %d", first_step)
+
+    step_fn = jax.jit(
+        ts.make_train_step(
+            loss_fn,
+            optimizer,
+            tc.ema_decay,
+            tc.ema_warmup,
+            tc.loss_time_bins,
+            (tc.t_min, tc.t_max),
+        ),
+        donate_argnums=0,
+    )
+    logger = _Logger(workdir, first_step, tc.num_steps)
+    start = time.time()
+    step, out_of_time = first_step, False
+    with _Preemption() as preemption:
+        while step < tc.num_steps:
+            batch = sharding.shard_batch(_model_inputs(next(loader), config), mesh)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            logger.add(metrics)
+            out_of_time = tc.max_seconds > 0 and time.time() - start > tc.max_seconds
+            stopped = preemption.requested or out_of_time
+            if step % tc.log_every == 0 or step == tc.num_steps or stopped:
+                logger.flush(step)
+                _raise_if_bad(state)
+            if step % tc.checkpoint_every == 0 or step == tc.num_steps or stopped:
+                _raise_if_bad(state)
+                checkpointing.save(manager, step, state, loader.get_state(), force=True)
+            if stopped:
+                break
+    manager.wait_until_finished()
+    manager.close()
+    if out_of_time:
+        log.info(
+            "time budget train.max_seconds=%s reached at step %d", tc.max_seconds, step
+        )
+    return TrainResult(
+        state, logger.history, first_step, preemption.requested, out_of_time
+    )
