@@ -1,0 +1,242 @@
+"""ImageNet folder conversion: layout, ADM crop, colour modes and clear errors."""
+
+import os
+
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+from PIL import Image
+
+from stochinterp import data
+from stochinterp.data import imagenet, transforms
+
+CLASSES = ("n01440764", "n01443537", "n01484850")
+# (width, height) of the train images of each class: odd sizes on purpose.
+SIZES = ((37, 53), (80, 41), (150, 97))
+IMAGE_SIZE = 16
+
+
+def _random_rgb(rng, width, height):
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _make_tree(root, rng):
+    """A tiny ImageNet: 3 classes x 3 JPEGs, odd modes, a flat val/ folder."""
+    for c, name in enumerate(CLASSES):
+        folder = root / "train" / name
+        folder.mkdir(parents=True)
+        for k, (w, h) in enumerate(SIZES):
+            Image.fromarray(_random_rgb(rng, w, h)).save(folder / f"{name}_{k}.JPEG")
+        (folder / "notes.txt").write_text("not an image")
+        del c
+    extra = root / "train" / CLASSES[0]
+    grey = rng.integers(0, 256, (45, 39), dtype=np.uint8)
+    Image.fromarray(grey).save(extra / "grey.JPEG")
+    cmyk = rng.integers(0, 256, (42, 50, 4), dtype=np.uint8)
+    Image.fromarray(cmyk, mode="CMYK").save(extra / "cmyk.JPEG")
+    # ImageNet holds a PNG named .JPEG; this one has an alpha channel.
+    rgba = rng.integers(0, 256, (36, 40, 4), dtype=np.uint8)
+    Image.fromarray(rgba).save(extra / "rgba.JPEG", format="PNG")
+    val = root / "val"
+    val.mkdir()
+    lines = []
+    for k, name in enumerate((CLASSES[2], CLASSES[0], CLASSES[1], CLASSES[2])):
+        Image.fromarray(_random_rgb(rng, 33 + k, 44)).save(val / f"v_{k}.JPEG")
+        lines.append(f"v_{k}.JPEG {name}")
+    (val / "val_labels.txt").write_text("\n".join(lines) + "\n")
+    return {"grey": grey, "cmyk": extra / "cmyk.JPEG", "rgba": rgba}
+
+
+def _config(source_dir, data_dir, size=IMAGE_SIZE):
+    return ConfigDict(
+        {
+            "name": "imagenet_folder",
+            "image_size": size,
+            "data_dir": str(data_dir),
+            "source_dir": str(source_dir),
+            "random_flip": True,
+            "shuffle_seed": 0,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenet")
+    originals = _make_tree(root, np.random.default_rng(0))
+    config = _config(root, tmp_path_factory.mktemp("tfds"))
+    built = data.builder(config)
+    records = {}
+    for split in ("train", "validation"):
+        for record in built.as_data_source(split=split):
+            records[(split, record["file_name"].decode())] = record
+    return root, config, originals, records
+
+
+def test_splits_shapes_and_labels(tiny):
+    _, config, _, records = tiny
+    info = data.dataset_info(config)
+    assert info.class_names == CLASSES
+    assert info.split_sizes == {"train": 12, "validation": 4}
+    assert info.channels == 3 and info.eval_split == "validation"
+    for (split, name), record in records.items():
+        assert record["image"].shape == (16, 16, 3)
+        assert record["image"].dtype == np.uint8
+        if split == "train":
+            assert record["label"] == CLASSES.index(name.split("/")[0])
+    val_labels = {n: int(r["label"]) for (s, n), r in records.items() if s != "train"}
+    assert val_labels == {"v_0.JPEG": 2, "v_1.JPEG": 0, "v_2.JPEG": 1, "v_3.JPEG": 2}
+
+
+def test_crop_matches_hand_computed_pil_steps(tiny):
+    root, _, _, records = tiny
+    name = CLASSES[1]
+    # 80x41 at 16: halve once (box) to 40x20, bicubic to 32x16, columns 8:24.
+    with Image.open(root / "train" / name / f"{name}_1.JPEG") as image:
+        small = image.convert("RGB").resize((40, 20), Image.Resampling.BOX)
+        want = np.asarray(small.resize((32, 16), Image.Resampling.BICUBIC))[:, 8:24]
+    got = records[("train", f"{name}/{name}_1.JPEG")]["image"]
+    np.testing.assert_array_equal(got, want)
+    # 37x53: halve to 18x26, bicubic to 16x23 (23.1 rounded), rows 3:19.
+    with Image.open(root / "train" / name / f"{name}_0.JPEG") as image:
+        small = image.convert("RGB").resize((18, 26), Image.Resampling.BOX)
+        want = np.asarray(small.resize((16, 23), Image.Resampling.BICUBIC))[3:19]
+    np.testing.assert_array_equal(
+        records[("train", f"{name}/{name}_0.JPEG")]["image"], want
+    )
+
+
+def test_no_halving_below_twice_the_target():
+    image = Image.fromarray(np.arange(31 * 50 * 3, dtype=np.uint8).reshape(31, 50, 3))
+    want = np.asarray(image.resize((26, 16), Image.Resampling.BICUBIC))[:, 5:21]
+    np.testing.assert_array_equal(transforms.center_crop_adm(image, 16), want)
+
+
+def test_grey_cmyk_and_rgba_become_rgb(tiny):
+    _, _, originals, records = tiny
+    folder = CLASSES[0]
+    grey = records[("train", f"{folder}/grey.JPEG")]["image"]
+    assert np.array_equal(grey[..., 0], grey[..., 1])
+    assert np.array_equal(grey[..., 0], grey[..., 2])
+    assert grey.std() > 10  # the noise survived, not a flat fill
+    with Image.open(originals["cmyk"]) as image:
+        assert image.mode == "CMYK"
+        want = transforms.center_crop_adm(image.convert("RGB"), IMAGE_SIZE)
+    np.testing.assert_array_equal(
+        records[("train", f"{folder}/cmyk.JPEG")]["image"], want
+    )
+    # Alpha is dropped: same as cropping the RGB channels alone.
+    rgb = Image.fromarray(np.ascontiguousarray(originals["rgba"][..., :3]))
+    want = transforms.center_crop_adm(rgb, IMAGE_SIZE)
+    np.testing.assert_array_equal(
+        records[("train", f"{folder}/rgba.JPEG")]["image"], want
+    )
+
+
+def test_loader_over_the_folder(tiny):
+    _, config, _, _ = tiny
+    loader = data.make_loader_from_config(config, "train", 4)
+    batch = next(loader)
+    assert batch["image"].shape == (4, 16, 16, 3)
+    assert batch["image"].dtype == np.float32 and batch["label"].dtype == np.int32
+    assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    assert set(batch["label"].tolist()) <= {0, 1, 2}
+    evaluation = data.eval_examples(config, n=4)
+    assert evaluation["image"].shape == (4, 16, 16, 3)
+    assert sorted(evaluation["label"].tolist()) == [0, 1, 2, 2]
+
+
+def test_second_call_reuses_the_build(tiny):
+    _, config, _, _ = tiny
+    folder = data.builder(config).data_dir
+    before = {
+        f: os.stat(os.path.join(folder, f)).st_mtime_ns for f in os.listdir(folder)
+    }
+    data.builder(config)
+    after = {
+        f: os.stat(os.path.join(folder, f)).st_mtime_ns for f in os.listdir(folder)
+    }
+    assert before == after
+
+
+def test_built_from_another_source_is_refused(tiny, tmp_path):
+    _, config, _, _ = tiny
+    other = config.copy_and_resolve_references()
+    other.source_dir = str(tmp_path)
+    with pytest.raises(ValueError, match="was built from"):
+        data.builder(other)
+
+
+def test_kaggle_solution_csv_and_class_folders(tmp_path):
+    rng = np.random.default_rng(1)
+    for name in CLASSES[:2]:
+        (tmp_path / "train" / name).mkdir(parents=True)
+        Image.fromarray(_random_rgb(rng, 20, 20)).save(
+            tmp_path / "train" / name / "a.JPEG"
+        )
+    (tmp_path / "val").mkdir()
+    Image.fromarray(_random_rgb(rng, 20, 20)).save(tmp_path / "val" / "ILSVRC_1.JPEG")
+    (tmp_path / "LOC_val_solution.csv").write_text(
+        "ImageId,PredictionString\n"
+        f"ILSVRC_1,{CLASSES[1]} 1 2 3 4 {CLASSES[1]} 5 6 7 8\n"
+    )
+    classes, _ = imagenet.scan_train(str(tmp_path))
+    assert imagenet.scan_validation(str(tmp_path), classes) == [
+        (str(tmp_path / "val" / "ILSVRC_1.JPEG"), 1)
+    ]
+    (tmp_path / "LOC_val_solution.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="no labels file"):
+        imagenet.scan_validation(str(tmp_path), classes)
+    (tmp_path / "val" / "ILSVRC_1.JPEG").unlink()
+    (tmp_path / "val" / CLASSES[0]).mkdir()
+    Image.fromarray(_random_rgb(rng, 9, 9)).save(
+        tmp_path / "val" / CLASSES[0] / "b.png"
+    )
+    assert imagenet.scan_validation(str(tmp_path), classes) == [
+        (str(tmp_path / "val" / CLASSES[0] / "b.png"), 0)
+    ]
+
+
+def test_missing_and_empty_source_dir(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match="nowhere.*does not exist"):
+        data.builder(_config(missing, tmp_path / "tfds"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(
+        FileNotFoundError, match=r"no train/ folder in .*empty.*expected"
+    ):
+        data.builder(_config(empty, tmp_path / "tfds"))
+    (empty / "train" / CLASSES[0]).mkdir(parents=True)
+    with pytest.raises(ValueError, match="hold no image files"):
+        data.builder(_config(empty, tmp_path / "tfds"))
+    config = _config("", tmp_path / "tfds")
+    with pytest.raises(ValueError, match="source_dir is empty"):
+        data.builder(config)
+
+
+def test_corrupt_file_names_the_file_and_the_fix(tmp_path):
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "src" / "train" / CLASSES[0]
+    folder.mkdir(parents=True)
+    Image.fromarray(_random_rgb(rng, 30, 30)).save(folder / "good.JPEG")
+    (folder / "bad.JPEG").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(ValueError, match=r"bad\.JPEG.*remove it, or replace it"):
+        data.builder(_config(tmp_path / "src", tmp_path / "tfds"))
+    # A truncated JPEG fails too, naming the file.
+    encoded = (folder / "good.JPEG").read_bytes()
+    (folder / "bad.JPEG").write_bytes(encoded[: len(encoded) // 2])
+    with pytest.raises(ValueError, match=r"bad\.JPEG"):
+        data.builder(_config(tmp_path / "src", tmp_path / "tfds"))
+
+
+def test_imagenet2012_not_prepared(tmp_path):
+    config = ConfigDict(
+        {"name": "imagenet2012", "image_size": 64, "data_dir": str(tmp_path)}
+    )
+    with pytest.raises(FileNotFoundError) as raised:
+        data.builder(config)
+    message = str(raised.value)
+    assert str(tmp_path / "imagenet2012") in message
+    assert "tfds build imagenet2012" in message and "array_record" in message
+    assert "imagenet_folder" in message
