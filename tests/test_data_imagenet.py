@@ -1,9 +1,12 @@
 """ImageNet folder conversion: layout, ADM crop, colour modes and clear errors."""
 
+import io
 import os
+import shutil
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from ml_collections import ConfigDict
 from PIL import Image
 
@@ -240,3 +243,55 @@ def test_imagenet2012_not_prepared(tmp_path):
     assert str(tmp_path / "imagenet2012") in message
     assert "tfds build imagenet2012" in message and "array_record" in message
     assert "imagenet_folder" in message
+
+
+def _jpeg_bytes(seed):
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(_random_rgb(rng, 70, 50)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+class _StoredJpegs(tfds.core.GeneratorBasedBuilder):
+    """Stands in for a prepared imagenet2012: JPEG bytes, label, file name."""
+
+    VERSION = tfds.core.Version("5.1.0")
+
+    def _info(self):
+        features = {
+            "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+            "label": tfds.features.ClassLabel(num_classes=3),
+            "file_name": tfds.features.Text(),
+        }
+        return tfds.core.DatasetInfo(
+            builder=self, features=tfds.features.FeaturesDict(features)
+        )
+
+    def _split_generators(self, dl_manager):
+        return {s: self._generate_examples() for s in ("train", "validation")}
+
+    def _generate_examples(self):
+        for i in range(5):
+            yield i, {"image": _jpeg_bytes(i), "label": i % 3, "file_name": f"{i}.JPEG"}
+
+
+def test_imagenet2012_prepared_copy_is_cropped_on_the_fly(tmp_path):
+    made = _StoredJpegs(data_dir=str(tmp_path / "build"), file_format="array_record")
+    made.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
+    (tmp_path / "imagenet2012").mkdir()
+    shutil.move(made.data_dir, tmp_path / "imagenet2012" / "5.1.0")
+    config = ConfigDict(
+        {"name": "imagenet2012", "image_size": 16, "data_dir": str(tmp_path)}
+    )
+    info = data.dataset_info(config)
+    assert info.split_sizes == {"train": 5, "validation": 5}
+    source, _ = data.data_source(config, "validation")
+    first = int(source[0]["file_name"].decode().split(".")[0])
+    with Image.open(io.BytesIO(_jpeg_bytes(first))) as image:
+        want = transforms.to_unit_range(transforms.center_crop_adm(image, 16))
+    got = data.eval_examples(config, n=2)
+    assert got["image"].shape == (2, 16, 16, 3)
+    np.testing.assert_array_equal(got["image"][0], want)
+    assert got["label"][0] == first % 3
