@@ -1,0 +1,157 @@
+"""Interpolants: exact ends, analytic derivatives, time ranges."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stochinterp import interpolants
+
+
+def _cos_sin_by_hand():
+    # A user writing the trigonometric pair naively: cos(pi / 2) is not 0 in
+    # float32, so exact ends rely on the pinning in ``custom``.
+    return interpolants.custom(
+        alpha=lambda t: jnp.cos(jnp.pi * t / 2), beta=lambda t: jnp.sin(jnp.pi * t / 2)
+    )
+
+
+FAMILIES = {
+    "linear": lambda g: interpolants.linear(gamma=g),
+    "trigonometric": lambda g: interpolants.trigonometric(gamma=g, gamma_scale=2.0),
+    "custom_quadratic": lambda g: interpolants.custom(
+        alpha=lambda t: (1.0 - t) ** 2,
+        beta=lambda t: 1.0 - (1.0 - t) ** 2,
+        gamma=g,
+        gamma_scale=0.5,
+    ),
+    "custom_cos_sin": lambda g: interpolants.custom(
+        alpha=lambda t: jnp.cos(jnp.pi * t / 2),
+        beta=lambda t: jnp.sin(jnp.pi * t / 2),
+        gamma=g,
+    ),
+    "custom_user_gamma": lambda g: interpolants.custom(
+        alpha=lambda t: 1.0 - t,
+        beta=lambda t: t,
+        gamma=(lambda t: 0.5 * t * (1.0 - t)) if g == "sqrt" else g,
+    ),
+}
+CASES = [(name, g) for name in FAMILIES for g in ("zero", "sqrt")]
+
+
+def _points(seed=0, shape=(5, 4, 4, 3)):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return [3.0 * jax.random.normal(k, shape) for k in keys]
+
+
+@pytest.mark.parametrize("name,gamma", CASES)
+def test_ends_are_exact(name, gamma):
+    path = FAMILIES[name](gamma)
+    x0, x1, z = _points()
+    n = x0.shape[0]
+    np.testing.assert_array_equal(path.x_t(jnp.zeros(n), x0, x1, z), x0)
+    np.testing.assert_array_equal(path.x_t(jnp.ones(n), x0, x1, z), x1)
+    # Mixed times in one batch: each row picks its own end.
+    t = jnp.array([0.0, 1.0, 0.0, 1.0, 0.0])
+    want = jnp.where(t[:, None, None, None] == 0, x0, x1)
+    np.testing.assert_array_equal(path.x_t(t, x0, x1, z), want)
+
+
+@pytest.mark.parametrize("name,gamma", CASES)
+def test_dx_t_matches_jvp_and_finite_difference(name, gamma):
+    path = FAMILIES[name](gamma)
+    x0, x1, z = _points(1)
+    t = jnp.array([0.05, 0.3, 0.5, 0.71, 0.95])
+
+    def path_at(s):
+        return path.x_t(s, x0, x1, z)
+
+    _, jvp = jax.jvp(path_at, (t,), (jnp.ones_like(t),))
+    dx_t = path.dx_t(t, x0, x1, z)
+    np.testing.assert_allclose(dx_t, jvp, rtol=1e-5, atol=1e-5)
+
+    h = 1e-3
+    finite = (path_at(t + h) - path_at(t - h)) / (2 * h)
+    np.testing.assert_allclose(dx_t, finite, rtol=2e-3, atol=5e-3)
+
+
+def test_a_wrong_derivative_is_caught_by_the_jvp_check():
+    wrong = interpolants.custom(
+        alpha=lambda t: 1.0 - t,
+        beta=lambda t: t,
+        alpha_dot=lambda t: jnp.zeros_like(t),  # should be -1
+    )
+    x0, x1, _ = _points(2)
+    t = jnp.full((5,), 0.4)
+    _, jvp = jax.jvp(lambda s: wrong.x_t(s, x0, x1), (t,), (jnp.ones_like(t),))
+    assert not np.allclose(wrong.dx_t(t, x0, x1), jvp, rtol=1e-3, atol=1e-3)
+
+
+def test_closed_forms_of_the_families():
+    t = jnp.linspace(0.05, 0.95, 7)
+    trig = interpolants.trigonometric()
+    np.testing.assert_allclose(trig.alpha(t), jnp.cos(jnp.pi * t / 2), atol=1e-6)
+    np.testing.assert_allclose(trig.alpha_dot(t), -jnp.pi / 2 * jnp.sin(jnp.pi * t / 2))
+    np.testing.assert_allclose(trig.alpha(t) ** 2 + trig.beta(t) ** 2, 1.0, rtol=1e-6)
+    noisy = interpolants.linear(gamma="sqrt", gamma_scale=2.0)
+    np.testing.assert_allclose(noisy.gamma(t), jnp.sqrt(2.0 * t * (1 - t)), rtol=1e-6)
+    np.testing.assert_allclose(
+        noisy.gamma_dot(t), (1 - 2 * t) / jnp.sqrt(2.0 * t * (1 - t)), rtol=1e-5
+    )
+    assert noisy.has_noise and noisy.singular_ends
+    assert not interpolants.linear().has_noise
+    by_hand = _cos_sin_by_hand()
+    assert float(by_hand.alpha(jnp.float32(1.0))) == 0.0
+    np.testing.assert_allclose(by_hand.alpha(t), trig.alpha(t), atol=1e-6)
+    np.testing.assert_allclose(by_hand.alpha_dot(t), trig.alpha_dot(t), atol=1e-6)
+
+
+def test_noisy_path_needs_z():
+    x0, x1, _ = _points()
+    with pytest.raises(ValueError, match="needs a latent z"):
+        interpolants.linear(gamma="sqrt").x_t(jnp.full((5,), 0.5), x0, x1)
+
+
+def test_bad_paths_raise_naming_the_value():
+    with pytest.raises(ValueError, match=r"alpha\(1\)=0.0.*alpha\(1\)=0.5"):
+        interpolants.custom(alpha=lambda t: 1.0 - 0.5 * t, beta=lambda t: t)
+    with pytest.raises(ValueError, match=r"gamma\(0\)=0.0.*gamma\(0\)=1.0"):
+        interpolants.custom(
+            alpha=lambda t: 1.0 - t, beta=lambda t: t, gamma=lambda t: 1.0 - t
+        )
+    with pytest.raises(ValueError, match="got -1.0"):
+        interpolants.linear(gamma="sqrt", gamma_scale=-1.0)
+    with pytest.raises(ValueError, match="'cubic'"):
+        interpolants.linear(gamma="cubic")
+    with pytest.raises(ValueError, match="'spline'"):
+        interpolants.from_config("spline")
+
+
+def test_from_config_builds_the_named_family():
+    path = interpolants.from_config("trigonometric", "sqrt", 0.5)
+    assert path.name == "trigonometric+sqrt"
+    np.testing.assert_allclose(path.gamma(jnp.float32(0.5)), np.sqrt(0.125), rtol=1e-6)
+
+
+def test_time_range_checks():
+    interpolants.check_time_range(0.0, 1.0)
+    with pytest.raises(ValueError, match="t_min=0.7, t_max=0.2"):
+        interpolants.check_time_range(0.7, 0.2)
+    with pytest.raises(ValueError, match="t_max=1.5"):
+        interpolants.check_time_range(0.0, 1.5)
+    noisy = interpolants.linear(gamma="sqrt")
+    interpolants.check_time_range(1e-3, 1 - 1e-3, noisy)
+    with pytest.raises(ValueError, match="unbounded.*t_min=0.0"):
+        interpolants.check_time_range(0.0, 0.9, noisy)
+    with pytest.raises(ValueError, match="t_max=1.0"):
+        interpolants.check_time_range(0.1, 1.0, noisy)
+
+
+def test_sample_times_cover_the_range():
+    t = interpolants.sample_times(jax.random.key(0), 20_000, 0.2, 0.7)
+    assert t.shape == (20_000,)
+    assert float(t.min()) >= 0.2 and float(t.max()) < 0.7
+    # Uniform: mean 0.45, sd of the mean 0.5 / sqrt(12 * 20000) = 0.001.
+    assert abs(float(t.mean()) - 0.45) < 0.005
+    with pytest.raises(ValueError, match="t_min=0.5, t_max=0.5"):
+        interpolants.sample_times(jax.random.key(0), 4, 0.5, 0.5)
