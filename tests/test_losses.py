@@ -1,0 +1,159 @@
+"""Losses: per-example terms, gradients, output mask, time bins."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stochinterp import fields, interpolants, losses
+from stochinterp.couplings import (
+    IndependentCoupling,
+    InpaintingCoupling,
+    SuperResolutionCoupling,
+    cond_channels,
+)
+
+
+def _affine_net(out_factor: int = 1):
+    """A per-pixel affine map of [x_t, cond, t]: a tiny network."""
+
+    def apply_fn(params, x_t, t, cond=None, labels=None):
+        parts = [x_t, jnp.broadcast_to(t[:, None, None, None], x_t.shape[:3] + (1,))]
+        if cond is not None:
+            parts.insert(1, cond)
+        return jnp.concatenate(parts, -1) @ params["w"] + params["b"]
+
+    def init(key, in_channels, out_channels):
+        key_w, key_b = jax.random.split(key)
+        return {
+            "w": jax.random.normal(key_w, (in_channels, out_channels * out_factor)),
+            "b": jax.random.normal(key_b, (out_channels * out_factor,)),
+        }
+
+    return apply_fn, init
+
+
+def _images(shape=(64, 8, 8, 3), seed=0):
+    return jax.random.uniform(jax.random.key(seed), shape, minval=-1.0, maxval=1.0)
+
+
+def test_velocity_terms_by_hand():
+    b = jnp.array([[1.0, 2.0], [0.0, -1.0]])
+    dx_t = jnp.array([[3.0, 0.0], [1.0, 1.0]])
+    loss, mse = losses.velocity_terms(b, dx_t)
+    np.testing.assert_array_equal(loss, [1 + 4 - 6, 1 + 2])
+    np.testing.assert_array_equal(mse, [4 + 4, 1 + 4])
+    g, z = jnp.array([[2.0, 0.0]]), jnp.array([[1.0, 5.0]])
+    np.testing.assert_array_equal(losses.denoiser_term(g, z), [4 - 4])
+
+
+@pytest.mark.parametrize(
+    "coupling,path",
+    [
+        (InpaintingCoupling(grid=4), interpolants.linear()),
+        (SuperResolutionCoupling(factor=2), interpolants.trigonometric()),
+        (IndependentCoupling(), interpolants.linear(gamma="sqrt")),
+    ],
+)
+def test_loss_and_mse_have_equal_gradients(coupling, path):
+    apply_fn, init = _affine_net()
+    x1 = _images()
+    in_channels = 3 + cond_channels(coupling, 3) + 1
+    params = init(jax.random.key(1), in_channels, 3)
+    loss_fn = losses.make_loss_fn(apply_fn, path, coupling, 0.01, 0.99)
+    key = jax.random.key(2)
+
+    def mean_term(p, name):
+        return jnp.mean(getattr(loss_fn(p, key, x1)[1], name))
+
+    grad_loss = jax.grad(mean_term)(params, "velocity")
+    grad_mse = jax.grad(mean_term)(params, "velocity_mse")
+    for name in params:
+        np.testing.assert_allclose(
+            grad_loss[name], grad_mse[name], rtol=2e-4, atol=1e-4
+        )
+        assert float(jnp.abs(grad_loss[name]).max()) > 1e-2
+    # The two differ by the constant E|dx_t|^2 > 0, not by nothing.
+    assert float(mean_term(params, "velocity_mse") - mean_term(params, "velocity")) > 1
+
+
+def test_inpainting_velocity_is_zero_on_known_pixels():
+    apply_fn, init = _affine_net()
+    params = init(jax.random.key(3), 3 + 1 + 1, 3)
+    x1 = _images()
+    coupling = InpaintingCoupling(grid=4, p=0.5)
+    sample = coupling(jax.random.key(4), x1)
+    x_t, _ = losses.interpolate(interpolants.linear(), sample, x1, jnp.full(64, 0.4))
+    b, _ = fields.network_fields(apply_fn, params, 3)(0.4, x_t, sample.xi)
+    known = np.broadcast_to(np.asarray(sample.mask) == 1, b.shape)
+    assert np.all(np.asarray(b)[known] == 0.0)
+    assert np.all(np.asarray(b)[~known] != 0.0)
+
+    # Through the loss: output on known pixels does not count at all.
+    def loud_on_known(p, x_t, t, cond=None, labels=None):
+        return apply_fn(p, x_t, t, cond) + 1e3 * cond  # cond is the mask
+
+    key = jax.random.key(5)
+    _, quiet = losses.make_loss_fn(apply_fn, interpolants.linear(), coupling, 0, 1)(
+        params, key, x1
+    )
+    _, loud = losses.make_loss_fn(loud_on_known, interpolants.linear(), coupling, 0, 1)(
+        params, key, x1
+    )
+    np.testing.assert_array_equal(quiet.velocity, loud.velocity)
+    np.testing.assert_array_equal(quiet.velocity_mse, loud.velocity_mse)
+
+
+@pytest.mark.parametrize(
+    "path", [interpolants.trigonometric(), interpolants.linear(gamma="sqrt")]
+)
+def test_known_pixels_are_held_at_x1_for_every_path(path):
+    x1 = _images((8, 8, 8, 2))
+    sample = InpaintingCoupling(grid=4, p=0.5)(jax.random.key(6), x1)
+    z = jax.random.normal(jax.random.key(7), x1.shape)
+    t = jnp.linspace(0.1, 0.9, 8)
+    x_t, dx_t = losses.interpolate(path, sample, x1, t, z)
+    known = np.broadcast_to(np.asarray(sample.mask) == 1, x1.shape)
+    np.testing.assert_array_equal(np.asarray(x_t)[known], np.asarray(x1)[known])
+    assert np.all(np.asarray(dx_t)[known] == 0.0)
+    free_x_t = path.x_t(t, sample.x0, x1, z)
+    np.testing.assert_array_equal(np.asarray(x_t)[~known], np.asarray(free_x_t)[~known])
+
+
+def test_denoiser_term_and_its_checks():
+    apply_fn, init = _affine_net(out_factor=2)
+    path = interpolants.linear(gamma="sqrt")
+    coupling = InpaintingCoupling(grid=4)
+    params = init(jax.random.key(8), 3 + 1 + 1, 3)
+    loss_fn = losses.make_loss_fn(apply_fn, path, coupling, 0.01, 0.99, denoiser=True)
+    total, terms = loss_fn(params, jax.random.key(9), _images())
+    assert terms.denoiser.shape == (64,) and float(jnp.abs(terms.denoiser).min()) > 0
+    np.testing.assert_allclose(
+        total, jnp.mean(terms.velocity + terms.denoiser), rtol=1e-6
+    )
+
+    with pytest.raises(ValueError, match="gamma > 0"):
+        losses.make_loss_fn(apply_fn, interpolants.linear(), coupling, 0, 1, True)
+    with pytest.raises(ValueError, match="t_min=0.0"):
+        losses.make_loss_fn(apply_fn, path, coupling, 0.0, 0.99)
+    plain_fn, plain_init = _affine_net()
+    bad = losses.make_loss_fn(plain_fn, path, coupling, 0.01, 0.99, denoiser=True)
+    with pytest.raises(ValueError, match="2 \\* C output channels"):
+        bad(plain_init(jax.random.key(0), 5, 3), jax.random.key(0), _images())
+
+
+def test_loss_by_time_bin_counts():
+    t = jnp.array([0.01, 0.02, 0.30, 0.26, 0.99, 1.0, 0.55])
+    values = jnp.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    sums, counts = losses.loss_by_time_bin(t, values, 4)
+    np.testing.assert_array_equal(counts, [2, 2, 1, 2])
+    np.testing.assert_array_equal(sums, [3, 7, 7, 11])
+
+    # A sub-range: times outside go to the end bins.
+    sums, counts = losses.loss_by_time_bin(t, values, 2, t_min=0.2, t_max=0.6)
+    np.testing.assert_array_equal(counts, [4, 3])
+    np.testing.assert_array_equal(sums, [1 + 2 + 3 + 4, 5 + 6 + 7])
+    with pytest.raises(ValueError, match="num_bins.*0"):
+        losses.loss_by_time_bin(t, values, 0)
+    with pytest.raises(ValueError, match="t_min=0.6, t_max=0.2"):
+        losses.loss_by_time_bin(t, values, 2, 0.6, 0.2)
