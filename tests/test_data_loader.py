@@ -200,3 +200,64 @@ def test_data_dir_default_and_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("STOCHINTERP_DATA_DIR", str(tmp_path))
     assert data.resolve_data_dir(None) == str(tmp_path)
     assert data.resolve_data_dir("~/x") != "~/x"
+
+
+_TWO_PROCESS_SCRIPT = """
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+from jax.experimental import multihost_utils
+from ml_collections import ConfigDict
+from stochinterp import data, sharding
+port, pid, data_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+config = ConfigDict({"name": "digits", "image_size": 8, "data_dir": data_dir,
+                     "random_flip": True, "shuffle_seed": 4})
+batches = data.global_batches(
+    data.make_loader_from_config(config, "train", 8), sharding.make_mesh())
+batch = next(batches)
+labels = multihost_utils.process_allgather(batch["label"], tiled=True)
+print("LABELS", json.dumps(labels.tolist()), flush=True)
+jax.distributed.shutdown()
+"""
+
+
+def test_two_real_processes_assemble_the_one_process_batch(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    script = tmp_path / "two.py"
+    script.write_text(_TWO_PROCESS_SCRIPT)
+    data_dir = str(tmp_path / "tfds")
+    runs = [
+        subprocess.Popen(
+            [sys.executable, str(script), port, str(pid), data_dir],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for pid in (0, 1)
+    ]
+    outputs = [run.communicate(timeout=120)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    config = ConfigDict(
+        {
+            "name": "digits",
+            "image_size": 8,
+            "data_dir": data_dir,
+            "random_flip": True,
+            "shuffle_seed": 4,
+        }
+    )
+    want = data.make_loader_from_config(
+        config, "train", 8, process_index=0, process_count=1
+    )
+    want = next(want)["label"].tolist()
+    for output in outputs:
+        line = next(x for x in output.splitlines() if x.startswith("LABELS"))
+        assert json.loads(line.split(" ", 1)[1]) == want

@@ -117,14 +117,17 @@ def builder(data_config: Any) -> tfds.core.DatasetBuilder:
     if name == "imagenet2012":
         return imagenet.imagenet2012_builder(data_dir)
     if name == "photo_patches":
-        made = photo_patches.PhotoPatches(config=str(size), data_dir=data_dir)
-    elif name == "digits":
-        made = digits.Digits(config=str(size), data_dir=data_dir)
-    else:
-        made = imagenet.imagenet_folder_builder(
-            size, data_dir, _field(data_config, "source_dir") or None
+        make = functools.partial(
+            photo_patches.PhotoPatches, config=str(size), data_dir=data_dir
         )
-    return prepare.prepare(made)
+    elif name == "digits":
+        make = functools.partial(digits.Digits, config=str(size), data_dir=data_dir)
+    else:
+        source_dir = _field(data_config, "source_dir") or None
+        make = functools.partial(
+            imagenet.imagenet_folder_builder, size, data_dir, source_dir
+        )
+    return prepare.prepare(make, f"{name}/{size}@{data_dir}")
 
 
 def _decode_imagenet2012(record: dict[str, Any], size: int) -> tuple[np.ndarray, int]:

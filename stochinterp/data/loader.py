@@ -15,7 +15,6 @@ Orbax ``ocp.args.Composite``).
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -80,10 +79,15 @@ class _BatchReader:
         self._local_batch = local_batch
         self._offset = process_index * local_batch
         self._decode = decode
-        self._permutation = functools.lru_cache(maxsize=2)(self._make_permutation)
+        self._permutations: dict[int, np.ndarray] = {}
 
-    def _make_permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self._seed, epoch]).permutation(self._num_records)
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._permutations:
+            if len(self._permutations) >= 2:
+                self._permutations.pop(min(self._permutations))
+            rng = np.random.default_rng([self._seed, epoch])
+            self._permutations[epoch] = rng.permutation(self._num_records)
+        return self._permutations[epoch]
 
     def positions(self, j: int) -> np.ndarray:
         """Stream positions ``[local_batch]`` of local batch ``j``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import jax
 import tensorflow_datasets as tfds
@@ -25,13 +26,6 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> str:
     return os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
 
 
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 def _prepare_here(builder: tfds.core.DatasetBuilder) -> None:
     if builder.is_prepared():
         logging.info("Reusing %s from %s", builder.name, builder.data_dir)
@@ -46,18 +40,41 @@ def _prepare_here(builder: tfds.core.DatasetBuilder) -> None:
     )
 
 
-def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
-    """Builds ``builder``'s dataset unless it is already in its data directory.
+_SYNCED: set[str] = set()
 
-    With several JAX processes, process 0 builds first and the others wait,
-    then build their own copy only if the data directory is not shared.
+
+def prepare(
+    make_builder: Callable[[], tfds.core.DatasetBuilder], key: str
+) -> tfds.core.DatasetBuilder:
+    """Builds a dataset unless it is already in its data directory.
+
+    With several JAX processes, the first call for a given ``key`` is
+    collective (every process must make it): process 0 builds while the
+    others wait, then they open the dataset and build their own copy only if
+    the data directory is not shared. Later calls with that key are local.
+
+    Args:
+      make_builder: makes the TFDS builder (with its config and data_dir). A
+        builder reads the dataset's metadata when it is made, so the other
+        processes make theirs after the wait.
+      key: names the dataset and data directory.
 
     Returns:
-      The same builder, ready for ``as_data_source``.
+      A builder whose dataset is prepared, ready for ``as_data_source``.
     """
-    if jax.process_index() == 0:
+    if jax.process_count() == 1 or key in _SYNCED:
+        builder = make_builder()
         _prepare_here(builder)
-    _barrier(f"stochinterp_prepare_{builder.info.full_name}")
-    if jax.process_index() != 0:
+        return builder
+    builder = None
+    if jax.process_index() == 0:
+        builder = make_builder()
+        _prepare_here(builder)
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"stochinterp_data_prepare:{key}")
+    _SYNCED.add(key)
+    if builder is None:
+        builder = make_builder()
         _prepare_here(builder)
     return builder
