@@ -186,6 +186,8 @@ def test_empty_source_is_refused():
         ({"name": "photo_patches", "image_size": 24}, r"image_size=24.*\(16, 32\)"),
         ({"name": "digits", "image_size": 12}, r"image_size=12.*\(8, 16, 32\)"),
         ({"name": "imagenet_folder", "image_size": 4}, "integer >= 8"),
+        ({"name": "digits", "image_size": 8, "random_flip": "yes"}, "random_flip"),
+        ({"name": "digits", "image_size": 8, "shuffle_seed": 1.5}, "shuffle_seed"),
     ],
 )
 def test_bad_config_names_the_value_and_the_choices(tmp_path, fields, match):

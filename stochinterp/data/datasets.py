@@ -13,7 +13,9 @@ attributes) with the fields
 * ``random_flip``: flip training images left-right at random;
 * ``shuffle_seed``: seed of the training order and of the flips.
 
-Datasets other than ``imagenet2012`` are built on first use and reused.
+Datasets other than ``imagenet2012`` are built on first use and reused. With
+several JAX processes the first ``builder`` call for a dataset (made by every
+function here) is collective: process 0 builds while the others wait.
 """
 
 from __future__ import annotations
@@ -96,6 +98,12 @@ def validate(data_config: Any) -> None:
             f"data.image_size={size!r} is not valid for {name}; use an integer >= 8 "
             "(e.g. 64, 128, 256)"
         )
+    flip = _field(data_config, "random_flip", False)
+    if not isinstance(flip, bool):
+        raise ValueError(f"data.random_flip={flip!r} must be True or False")
+    seed = _field(data_config, "shuffle_seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"data.shuffle_seed={seed!r} must be an integer >= 0")
     if name == "imagenet_folder" and not _field(data_config, "source_dir"):
         built = imagenet.imagenet_folder_builder(
             size, prepare.resolve_data_dir(_field(data_config, "data_dir")), None
