@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from stochinterp import couplings, fields, samplers, sharding
+from stochinterp import couplings, fields, interpolants, samplers, sharding
 
 
 def psnr_from_mse(mse: float, data_range: float = 2.0) -> float:
@@ -74,44 +74,91 @@ def save_grid(path: str, rows: list[np.ndarray], scale: int = 4, pad: int = 2) -
     Image.fromarray(canvas).save(path)
 
 
-def sample_inpainting(
+def _fields_for(apply_fn, variables, sample, interpolant, settings, guidance):
+    """Velocity (guided if asked) and, for the SDE, the score of a coupling draw."""
+    channels = sample.x0.shape[-1]
+    velocity = fields.velocity_field(apply_fn, variables, channels)
+    if guidance is not None:
+        scale, null_label = guidance
+        velocity = fields.guided(velocity, scale, null_label)
+    if not settings.needs_score:
+        return velocity, None
+    if interpolant.has_noise:
+        outputs = fields.network_fields(apply_fn, variables, channels)
+
+        def denoiser(t, x, xi):
+            g = outputs(t, x, xi)[1]
+            if g is None:
+                raise ValueError(
+                    "Euler-Maruyama with gamma > 0 needs a denoiser: train with "
+                    "train.denoiser=True"
+                )
+            return g
+
+        return velocity, fields.score_from_denoiser(denoiser, interpolant)
+    score = fields.score_from_velocity(
+        velocity, interpolant, sample.center, sample.sigma
+    )
+    return velocity, score
+
+
+def sample_coupling(
     apply_fn,
     variables,
     x1: np.ndarray,
-    coupling: couplings.InpaintingCoupling,
+    labels: np.ndarray | None,
+    coupling: couplings.Coupling,
+    interpolant: interpolants.Interpolant,
     settings: samplers.SamplerSettings,
     key: jax.Array,
     mesh=None,
-) -> tuple[np.ndarray, np.ndarray, samplers.SamplerInfo]:
-    """In-paints x1 with masks and noise drawn from ``key``.
+    guidance: tuple[float, int] | None = None,
+):
+    """Draws the coupling for x1 and integrates from x0 to a sample.
 
     Args:
       apply_fn, variables: the network.
-      x1: [n, H, W, C] ground-truth images in [-1, 1]; n divisible by the
+      x1: [n, H, W, C] images in [-1, 1] the coupling conditions on (for the
+        independent coupling only their shape matters); n divisible by the
         number of devices.
-      coupling: the in-painting coupling (grid, p).
+      labels: [n] int32 labels (class-conditional couplings) or None.
+      coupling: the coupling used in training.
+      interpolant: the path used in training.
       settings: sampler settings.
-      key: PRNG key for masks and noise (fixed for a fixed evaluation).
+      key: PRNG key for the coupling (masks, noise) and the SDE noise.
       mesh: device mesh; the batch is split over it.
+      guidance: (scale, null_label) for classifier-free guidance, or None.
 
     Returns:
-      (samples [n, H, W, C], mask [n, H, W, 1], sampler info).
+      (samples [n, H, W, C] numpy, the CouplingSample as numpy, SamplerInfo).
     """
     mesh = sharding.make_mesh() if mesh is None else mesh
     sharding.check_global_batch(x1.shape[0], mesh)
-    x1 = jax.device_put(jnp.asarray(x1, jnp.float32), sharding.batch_sharding(mesh))
-    velocity = fields.velocity_field(apply_fn, variables, x1.shape[-1])
+    put = lambda a: jax.device_put(jnp.asarray(a), sharding.batch_sharding(mesh))  # noqa: E731
+    x1 = put(np.asarray(x1, np.float32))
+    labels = None if labels is None else put(np.asarray(labels, np.int32))
+    key_couple, key_noise = jax.random.split(key)
 
     @jax.jit
-    def run(x1):
-        sample = coupling(key, x1, None)
-        out, info = samplers.integrate(
-            velocity, sample.x0, sample.xi, settings, mask=sample.mask
+    def run(x1, labels):
+        sample = coupling(key_couple, x1, labels)
+        velocity, score = _fields_for(
+            apply_fn, variables, sample, interpolant, settings, guidance
         )
-        return out, sample.mask, info
+        out, info = samplers.integrate(
+            velocity,
+            sample.x0,
+            sample.xi,
+            settings,
+            score=score,
+            key=key_noise if settings.method == "euler_maruyama" else None,
+            mask=sample.mask,
+        )
+        return out, sample, info
 
-    out, mask, info = run(x1)
-    return np.asarray(out), np.asarray(mask), info
+    out, sample, info = run(x1, labels)
+    samplers.check_info(info)
+    return np.asarray(out), jax.tree.map(np.asarray, sample), info
 
 
 def inpainting_metrics(samples: np.ndarray, x1: np.ndarray, mask: np.ndarray) -> dict:

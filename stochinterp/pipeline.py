@@ -16,7 +16,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from stochinterp import checkpointing, couplings, evaluate, samplers, sharding, train
+from stochinterp import (
+    checkpointing,
+    couplings,
+    evaluate,
+    interpolants,
+    samplers,
+    sharding,
+    train,
+)
 from stochinterp import data as data_lib
 
 log = logging.getLogger(__name__)
@@ -34,7 +42,7 @@ def mse_trend(history: list[float]) -> dict:
 
 
 def load_variables(config, workdir: str, mesh, use_ema: bool):
-    """Restores the latest checkpoint of ``workdir``; returns (model, variables, step)."""
+    """Restores the latest checkpoint: returns (model, variables, step)."""
     _, _, model, _, optimizer = train.setup(config, mesh)
     template = jax.eval_shape(
         lambda: train.init_state(
@@ -69,15 +77,19 @@ def evaluate_inpainting(config, model, variables, workdir: str, mesh) -> dict:
     x1 = np.asarray(examples["image"], np.float32)
     settings = samplers.SamplerSettings.from_config(config.sampler)
     start = time.time()
-    samples, mask, info = evaluate.sample_inpainting(
+    interpolant = interpolants.from_config(**config.interpolant)
+    samples, sample, info = evaluate.sample_coupling(
         model.apply,
         variables,
         x1,
+        None,
         coupling,
+        interpolant,
         settings,
         jax.random.key(config.eval.seed),
         mesh,
     )
+    mask = sample.mask
     metrics = evaluate.inpainting_metrics(samples, x1, mask)
     metrics.update(
         nfe=int(info.nfe),

@@ -1,0 +1,122 @@
+"""The main job end to end on a tiny model, and the evaluation arithmetic."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import inpaint_photos16
+from stochinterp import evaluate, pipeline
+
+
+def test_mean_fill_puts_each_images_known_mean_in_its_holes():
+    x1 = np.zeros((2, 2, 2, 1), np.float32)
+    x1[0, :, :, 0] = [[1.0, 3.0], [5.0, 7.0]]
+    x1[1, :, :, 0] = [[-1.0, -1.0], [0.5, 2.0]]
+    mask = np.ones((2, 2, 2, 1), np.float32)
+    mask[0, 1, 1] = 0.0  # hole at 7: mean of 1, 3, 5 is 3
+    mask[1, 0, :] = 0.0  # holes at the -1s: mean of 0.5, 2 is 1.25
+    filled = evaluate.mean_fill(x1, mask)
+    np.testing.assert_array_equal(filled[0, :, :, 0], [[1.0, 3.0], [5.0, 3.0]])
+    np.testing.assert_array_equal(filled[1, :, :, 0], [[1.25, 1.25], [0.5, 2.0]])
+
+
+def test_hidden_mse_is_pooled_over_all_hidden_pixels():
+    truth = np.zeros((2, 1, 2, 1), np.float32)
+    prediction = np.array([[[[1.0], [9.0]]], [[[2.0], [9.0]]]], np.float32)
+    mask = np.array([[[[0.0], [1.0]]], [[[0.0], [1.0]]]], np.float32)
+    # Hidden pixels: errors 1 and 4 -> pooled MSE 2.5; known pixels ignored.
+    assert evaluate.hidden_mse(prediction, truth, mask) == 2.5
+    assert evaluate.psnr_from_mse(0.04) == pytest.approx(
+        20.0
+    )  # range 2: 10 log10(4/0.04)
+
+
+def test_hidden_mse_without_holes_is_an_error():
+    x = np.zeros((1, 2, 2, 3))
+    with pytest.raises(ValueError, match="no hidden pixels"):
+        evaluate.hidden_mse(x, x, np.ones((1, 2, 2, 1)))
+
+
+def test_mse_trend_uses_first_and_last_tenth():
+    history = [10.0] * 10 + [5.0] * 80 + [2.0] * 10
+    trend = pipeline.mse_trend(history)
+    assert trend["mse_first_10pct"] == 10.0
+    assert trend["mse_last_10pct"] == 2.0
+    assert trend["mse_ratio_last_first"] == 0.2
+
+
+def tiny_config(data_dir):
+    config = inpaint_photos16.get_config()
+    config.data.data_dir = str(data_dir)
+    config.model.dim = 8
+    config.model.dim_mults = (1, 2)
+    config.model.resnet_block_groups = 4
+    config.train.global_batch = 8
+    config.train.num_steps = 4
+    config.train.log_every = 2
+    config.train.checkpoint_every = 2
+    config.train.async_checkpoint = False
+    config.sampler.num_steps = 5
+    config.eval.num_images = 8
+    config.eval.grid_images = 4
+    return config
+
+
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("workdir")
+    config = tiny_config(tmp_path_factory.mktemp("data"))
+    metrics = pipeline.train_and_evaluate(config, str(workdir))
+    return config, str(workdir), metrics
+
+
+def test_main_job_writes_its_outputs(main_job):
+    config, workdir, metrics = main_job
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+    with open(os.path.join(workdir, "metrics.json")) as f:
+        saved = json.load(f)
+    assert saved["steps_this_run"] == 4 and saved["first_step"] == 0
+    assert saved["nfe"] == 5  # Euler: one model call per step
+    assert saved["num_images"] == 8
+    assert saved["known_pixels_exact"] is True
+    assert saved["config"]["train"]["num_steps"] == 4
+    for key in (
+        "final_loss",
+        "psnr_hidden_sample",
+        "psnr_hidden_mean_fill",
+        "mse_first_10pct",
+        "mse_last_10pct",
+        "wall_seconds",
+    ):
+        assert np.isfinite(saved[key]), key
+    with open(os.path.join(workdir, "train_log.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == [2, 4]
+
+
+def test_main_job_picture_has_three_rows_of_grid_images(main_job):
+    _, workdir, _ = main_job
+    image = Image.open(os.path.join(workdir, "samples", "inpaint.png"))
+    scale, pad, size = 4, 2, 16
+    assert image.size == (
+        4 * (size * scale + pad) + pad,
+        3 * (size * scale + pad) + pad,
+    )
+
+
+def test_restored_ema_weights_reproduce_the_evaluation(main_job):
+    config, workdir, metrics = main_job
+    mesh = pipeline.sharding.make_mesh()
+    model, variables, step = pipeline.load_variables(
+        config, workdir, mesh, use_ema=True
+    )
+    assert step == 4
+    again = pipeline.evaluate_inpainting(config, model, variables, workdir, mesh)
+    assert again["psnr_hidden_sample"] == pytest.approx(
+        metrics["psnr_hidden_sample"], abs=1e-4
+    )
+    assert jax.device_count() == 2
