@@ -117,6 +117,8 @@ def test_built_dataset_is_reused(patches16):
 def test_eval_examples_are_fixed(patches16):
     config, _, splits = patches16
     first = data.eval_examples(config, n=8)
+    again = data.eval_examples(config, split="", n=8)
+    np.testing.assert_array_equal(first["label"], again["label"])
     again = data.eval_examples(config, split="test", n=8)
     np.testing.assert_array_equal(first["image"], again["image"])
     np.testing.assert_array_equal(first["label"], splits["test"]["label"][:8])

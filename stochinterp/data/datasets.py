@@ -235,13 +235,15 @@ def eval_examples(data_config: Any, split: str | None = None, n: int = 16) -> di
 
     Args:
       data_config: the data config.
-      split: defaults to the held-out split (``DataInfo.eval_split``).
+      split: None or empty: the held-out split (``DataInfo.eval_split``:
+        ``'test'`` for photo_patches and digits, ``'validation'`` for the
+        ImageNet datasets).
       n: number of examples.
 
     Returns:
       ``{'image': [n, H, W, C] float32 in [-1, 1], 'label': [n] int32}``.
     """
-    if split is None:
+    if not split:
         validate(data_config)
         split = _EVAL_SPLIT[_field(data_config, "name")]
     source, decode = data_source(data_config, split)
