@@ -63,44 +63,72 @@ def load_variables(config, workdir: str, mesh, use_ema: bool):
     return model, state.ema_params if use_ema else state.params, step
 
 
-def evaluate_inpainting(config, model, variables, workdir: str, mesh) -> dict:
-    """Samples the fixed test images, writes samples/inpaint.png, returns metrics."""
-    coupling = couplings.from_config(config.coupling)
-    if not isinstance(coupling, couplings.InpaintingCoupling):
-        raise NotImplementedError(
-            f"in-painting evaluation needs coupling.name='inpainting', got "
-            f"{config.coupling.name!r}"
+def _guidance(config) -> tuple[float, int] | None:
+    """(scale, null label) when classifier-free guidance is asked for."""
+    scale = config.sampler.guidance_scale
+    if scale == 1.0:
+        return None
+    cc = config.coupling
+    if not cc.num_classes or cc.p_uncond <= 0:
+        raise ValueError(
+            f"sampler.guidance_scale={scale} needs a model trained with labels "
+            "dropped (coupling.num_classes > 0 and coupling.p_uncond > 0)"
         )
-    examples = data_lib.eval_examples(
-        config.data, split=config.data.eval_split, n=config.eval.num_images
-    )
+    return scale, cc.num_classes
+
+
+def sample_test_images(config, model, variables, mesh, n: int, seed: int):
+    """Runs the configured sampler on the first n held-out images.
+
+    Returns:
+      (x1 [n, H, W, C], samples [n, H, W, C], CouplingSample, SamplerInfo,
+      seconds spent sampling).
+    """
+    examples = data_lib.eval_examples(config.data, split=config.data.eval_split, n=n)
     x1 = np.asarray(examples["image"], np.float32)
+    labels = examples["label"] if config.coupling.num_classes else None
     settings = samplers.SamplerSettings.from_config(config.sampler)
-    start = time.time()
     interpolant = interpolants.from_config(**config.interpolant)
+    start = time.time()
     samples, sample, info = evaluate.sample_coupling(
         model.apply,
         variables,
         x1,
-        None,
-        coupling,
+        labels,
+        couplings.from_config(config.coupling),
         interpolant,
         settings,
-        jax.random.key(config.eval.seed),
+        jax.random.key(seed),
         mesh,
+        _guidance(config),
     )
-    mask = sample.mask
-    metrics = evaluate.inpainting_metrics(samples, x1, mask)
+    return x1, samples, sample, info, time.time() - start
+
+
+def evaluate_inpainting(
+    config, model, variables, workdir: str, mesh, picture: str = "inpaint.png"
+) -> dict:
+    """Samples the fixed test images, writes samples/<picture>, returns metrics."""
+    if config.coupling.name != "inpainting" or config.coupling.num_classes:
+        raise NotImplementedError(
+            "in-painting evaluation needs coupling.name='inpainting' without "
+            f"classes, got {config.coupling.name!r} with num_classes="
+            f"{config.coupling.num_classes}"
+        )
+    x1, samples, sample, info, seconds = sample_test_images(
+        config, model, variables, mesh, config.eval.num_images, config.eval.seed
+    )
+    metrics = evaluate.inpainting_metrics(samples, x1, sample.mask)
     metrics.update(
         nfe=int(info.nfe),
-        sampling_seconds=time.time() - start,
+        sampler=config.sampler.method,
+        sampling_seconds=seconds,
         num_images=int(x1.shape[0]),
     )
-
     if jax.process_index() == 0:
         k = min(config.eval.grid_images, x1.shape[0])
-        rows = [evaluate.masked_input(x1[:k], mask[:k]), samples[:k], x1[:k]]
-        path = os.path.join(workdir, "samples", "inpaint.png")
+        rows = [evaluate.masked_input(x1[:k], sample.mask[:k]), samples[:k], x1[:k]]
+        path = os.path.join(workdir, "samples", picture)
         evaluate.save_grid(path, rows)
         log.info("wrote %s (rows: masked input, sample, ground truth)", path)
     return metrics

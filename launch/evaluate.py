@@ -1,0 +1,56 @@
+"""Evaluates the latest checkpoint of a workdir on the fixed test images.
+
+    python -m launch.evaluate --config configs/inpaint_photos16.py --workdir DIR \\
+        --config.sampler.method=dopri5 --config.sampler.num_steps=None
+
+Uses the same config file as training (sampler and eval fields may be
+overridden). Writes ``DIR/eval_<method>.json`` and
+``DIR/samples/inpaint_<method>.png``. EMA weights unless
+``--config.eval.use_ema=False``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from launch import _common
+
+config_flags.DEFINE_config_file(
+    "config", _common.DEFAULT_CONFIG, "experiment config file"
+)
+flags.DEFINE_string("workdir", None, "workdir of a training run")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    workdir = _common.start(FLAGS.workdir)
+    config = FLAGS.config
+
+    import jax
+
+    from stochinterp import pipeline, sharding
+
+    mesh = sharding.make_mesh()
+    model, variables, step = pipeline.load_variables(
+        config, workdir, mesh, config.eval.use_ema
+    )
+    method = config.sampler.method
+    metrics = pipeline.evaluate_inpainting(
+        config, model, variables, workdir, mesh, picture=f"inpaint_{method}.png"
+    )
+    metrics.update(step=step, use_ema=config.eval.use_ema)
+    if jax.process_index() == 0:
+        path = os.path.join(workdir, f"eval_{method}.json")
+        with open(path, "w") as f:
+            json.dump(metrics, f, indent=2)
+        print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)
