@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.source_dir = ""  # imagenet_folder only: folder with train/ and val/
     config.data.random_flip = True
     config.data.shuffle_seed = 0
-    config.data.eval_split = "test"
+    config.data.eval_split = ""  # "": the held-out split (test, or validation)
 
     # Path x_t = alpha x0 + beta x1 + gamma z ('linear' or 'trigonometric';
     # gamma 'zero' or 'sqrt' = sqrt(gamma_scale t (1 - t))).

@@ -84,7 +84,7 @@ def sample_test_images(config, model, variables, mesh, n: int, seed: int):
       (x1 [n, H, W, C], samples [n, H, W, C], CouplingSample, SamplerInfo,
       seconds spent sampling).
     """
-    examples = data_lib.eval_examples(config.data, split=config.data.eval_split, n=n)
+    examples = data_lib.eval_examples(config.data, split=config.data.eval_split or None, n=n)
     x1 = np.asarray(examples["image"], np.float32)
     labels = examples["label"] if config.coupling.num_classes else None
     settings = samplers.SamplerSettings.from_config(config.sampler)
