@@ -97,4 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.seed = 1234
     config.eval.use_ema = True
     config.eval.grid_images = 16  # shown in samples/inpaint.png
+
+    # Locked: a misspelt field is an error, here, in experiments and on the CLI.
+    config.lock()
     return config
