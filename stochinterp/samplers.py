@@ -1,0 +1,571 @@
+"""Samplers: integrate the generative ODE or SDE from t_min to t_max.
+
+One entry point, :func:`integrate`, runs one of four integrators on a field
+``velocity(t, x, xi) -> b`` (``t`` a float32 scalar, ``x`` ``[batch, ...]``,
+``xi`` any conditioning pytree):
+
+- ``'euler'``: N steps on the grid ``t_i = t_min + i (t_max - t_min) / N``,
+  N model calls. The field is evaluated at ``t_0 .. t_{N-1}``, never at t_max.
+- ``'heun'``: the explicit trapezoidal rule on the same grid, with an Euler
+  last step: ``2N - 1`` model calls. The last step being Euler keeps the
+  field away from t_max (where a gamma > 0 path has an unbounded gamma') and
+  leaves the global error second order (one O(h^2) step).
+- ``'dopri5'``: Dormand-Prince 5(4) with an adaptive step-size controller
+  (rtol, atol; RMS error norm over the whole batch, as in torchdiffeq and
+  diffrax), first-same-as-last, the last step clipped to end at t_max
+  exactly. Model calls: 1 (at t_min) + 1 (automatic first step, unless
+  ``first_step`` is given) + 6 per attempted step. The last stage of each
+  step is evaluated at its end time, so t_max itself is evaluated.
+- ``'euler_maruyama'``: ``dX = [b + eps(t) score] dt + sqrt(2 eps(t)) dW`` on
+  the Euler grid; the last step is a plain Euler step of the ODE (no noise, no
+  score). Model calls: N velocity calls + (N - 1) score calls (none when
+  ``eps_scale == 0``). The score is never evaluated at t_max.
+
+The diffusion coefficient ``eps(t)`` (``eps_schedule``, scaled by
+``eps_scale = s``): ``'constant'``: s; ``'decay'``: s (1 - t), vanishing at
+t = 1 where the score of a gamma = 0 coupling is singular; ``'bump'``:
+4 s t (1 - t), peaking at s for t = 1/2 and vanishing at both ends.
+
+``nfe`` counts calls of the fields passed in: one call of ``velocity`` or of
+``score`` counts one. A score built by ``fields.score_from_velocity`` calls
+the velocity once inside, so a counter on the velocity sees ``nfe`` calls. A
+classifier-free-guided field (``fields.guided``) counts one per call: it makes
+one network call on a batch of twice the size.
+
+Every sampler traces the field once (the loops run over model calls), so the
+compiled program holds one copy of the network.
+
+Example:
+
+    settings = SamplerSettings(method='heun', num_steps=50)
+    sample = make_sampler(velocity, settings)           # jitted
+    x1, info = sample(coupling_sample.x0, coupling_sample.xi,
+                      mask=coupling_sample.mask)
+    info.nfe                                              # 99
+
+A large batch runs data-parallel with ``make_sampler(..., mesh=make_mesh())``:
+the batch is split over the mesh and the result equals the one-device run to
+float tolerance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from stochinterp import sharding
+from stochinterp.interpolants import check_time_range
+
+Field = Callable[[jax.Array, jax.Array, object], jax.Array]
+
+METHODS = ("euler", "heun", "dopri5", "euler_maruyama")
+FIXED_STEP_METHODS = ("euler", "heun", "euler_maruyama")
+EPS_SCHEDULES = ("constant", "decay", "bump")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    """What to integrate and how; hashable, so it can be a static jit argument.
+
+    Attributes:
+      method: 'euler', 'heun', 'dopri5' or 'euler_maruyama'.
+      num_steps: steps N of the fixed-step methods (required there); must be
+        None for 'dopri5', whose steps are chosen by the controller.
+      t_min: start time (the base sample x0 is taken to be X at t_min).
+      t_max: end time; the result is X at t_max.
+      rtol: Dopri5 relative tolerance.
+      atol: Dopri5 absolute tolerance.
+      max_steps: Dopri5 limit on attempted (accepted + rejected) steps.
+      first_step: Dopri5 first step size, or None to choose it automatically
+        (one extra model call).
+      safety: Dopri5 controller safety factor.
+      min_factor: smallest step-size change factor per step.
+      max_factor: largest step-size change factor per step.
+      eps_schedule: Euler-Maruyama diffusion shape: 'constant', 'decay'
+        (s (1 - t)) or 'bump' (4 s t (1 - t)).
+      eps_scale: s >= 0, the scale of eps(t); 0 makes Euler-Maruyama the
+        Euler ODE solver (no score calls, no noise).
+    """
+
+    method: str = "dopri5"
+    num_steps: int | None = None
+    t_min: float = 1e-3
+    t_max: float = 1.0 - 1e-3
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    max_steps: int = 4096
+    first_step: float | None = None
+    safety: float = 0.9
+    min_factor: float = 0.2
+    max_factor: float = 10.0
+    eps_schedule: str = "decay"
+    eps_scale: float = 1.0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(
+                f"sampler method {self.method!r} is not known; choose one of "
+                f"{list(METHODS)}"
+            )
+        check_time_range(self.t_min, self.t_max)
+        self._check_steps()
+        self._check_controller()
+        if self.eps_schedule not in EPS_SCHEDULES:
+            raise ValueError(
+                f"eps_schedule {self.eps_schedule!r} is not known; choose one of "
+                f"{list(EPS_SCHEDULES)}"
+            )
+        if not self.eps_scale >= 0:
+            raise ValueError(f"eps_scale must be >= 0, got {self.eps_scale}")
+
+    def _check_steps(self):
+        if self.method == "dopri5":
+            if self.num_steps is not None:
+                raise ValueError(
+                    f"num_steps={self.num_steps} has no meaning for method "
+                    "'dopri5' (the controller chooses the steps); leave it None "
+                    "and set rtol, atol, max_steps"
+                )
+            return
+        steps = self.num_steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+            raise ValueError(
+                f"method {self.method!r} needs an integer num_steps >= 1, got {steps!r}"
+            )
+        if steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {steps}")
+
+    def _check_controller(self):
+        if self.rtol < 0 or self.atol < 0 or self.rtol + self.atol <= 0:
+            raise ValueError(
+                f"tolerances must be >= 0 and not both 0, got rtol={self.rtol}, "
+                f"atol={self.atol}"
+            )
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.first_step is not None and not (
+            0 < self.first_step <= self.t_max - self.t_min
+        ):
+            raise ValueError(
+                f"first_step must lie in (0, t_max - t_min = "
+                f"{self.t_max - self.t_min}], got {self.first_step}"
+            )
+        if not 0 < self.safety <= 1:
+            raise ValueError(f"safety must lie in (0, 1], got {self.safety}")
+        if not 0 < self.min_factor < 1 < self.max_factor:
+            raise ValueError(
+                "step factors must satisfy 0 < min_factor < 1 < max_factor, got "
+                f"min_factor={self.min_factor}, max_factor={self.max_factor}"
+            )
+
+    @property
+    def needs_score(self) -> bool:
+        """Whether ``integrate`` must be given a score field."""
+        return self.method == "euler_maruyama" and self.eps_scale > 0
+
+    @classmethod
+    def from_config(cls, config) -> SamplerSettings:
+        """Builds settings from ``config.sampler`` (a ConfigDict or mapping).
+
+        Reads the fields of this class that the config holds (see the class
+        attributes); absent fields keep their defaults, other keys are
+        ignored.
+        """
+        names = [field.name for field in dataclasses.fields(cls)]
+        return cls(**{name: config[name] for name in names if name in config})
+
+
+@flax.struct.dataclass
+class SamplerInfo:
+    """What a sampler did. All fields are arrays (a jittable pytree).
+
+    Attributes:
+      nfe: [] int32 field calls made (velocity and score together).
+      nfe_score: [] int32 of which score calls.
+      t_final: [] float32 time reached; t_max exactly when ``success``.
+      accepted_steps: [] int32 steps taken.
+      rejected_steps: [] int32 steps rejected by the controller (Dopri5).
+      success: [] bool, False when Dopri5 ran out of ``max_steps`` before
+        t_max (see :func:`check_info`).
+    """
+
+    nfe: jax.Array
+    nfe_score: jax.Array
+    t_final: jax.Array
+    accepted_steps: jax.Array
+    rejected_steps: jax.Array
+    success: jax.Array
+
+
+def eps_schedule(name: str, scale: float) -> Callable[[jax.Array], jax.Array]:
+    """The diffusion coefficient eps(t) of Euler-Maruyama (see module doc)."""
+    if name == "constant":
+        return lambda t: jnp.full_like(t, scale)
+    if name == "decay":
+        return lambda t: scale * (1.0 - t)
+    if name == "bump":
+        return lambda t: 4.0 * scale * t * (1.0 - t)
+    raise ValueError(
+        f"eps_schedule {name!r} is not known; choose one of {list(EPS_SCHEDULES)}"
+    )
+
+
+def time_grid(settings: SamplerSettings) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed-step grid, computed in float64 from the step index.
+
+    Returns:
+      times: [N + 1] float32, ``t_min + i (t_max - t_min) / N``; the last entry
+        is t_max exactly.
+      steps: [N] float32 step sizes ``t_{i+1} - t_i``.
+    """
+    n = settings.num_steps
+    span = settings.t_max - settings.t_min
+    times = settings.t_min + np.arange(n + 1, dtype=np.float64) * span / n
+    times[-1] = settings.t_max
+    return times.astype(np.float32), np.diff(times).astype(np.float32)
+
+
+def integrate(
+    velocity: Field,
+    x0: jax.Array,
+    xi,
+    settings: SamplerSettings,
+    *,
+    score: Field | None = None,
+    key: jax.Array | None = None,
+    mask: jax.Array | None = None,
+) -> tuple[jax.Array, SamplerInfo]:
+    """Integrates from X(t_min) = x0 to X(t_max).
+
+    Pure and traceable: jit it with ``settings`` (and the fields) static, or
+    use :func:`make_sampler`.
+
+    Args:
+      velocity: b(t, x, xi) with t a float32 scalar.
+      x0: [batch, ...] start points.
+      xi: conditioning pytree handed to the fields unchanged.
+      settings: the integrator and its parameters.
+      score: score(t, x, xi); required by 'euler_maruyama' with eps_scale > 0
+        (``fields.score_from_denoiser`` when gamma > 0,
+        ``fields.score_from_velocity`` for gamma = 0 couplings); ignored by
+        the ODE methods.
+      key: PRNG key for the Euler-Maruyama noise; ignored by the ODE methods.
+      mask: 1 = known, broadcasting against x0 (``[batch, H, W, 1]`` for
+        images). Every update is multiplied by (1 - mask): known entries stay
+        bit-identical to x0.
+
+    Returns:
+      x1: [batch, ...] the samples at t_max. The state keeps the dtype of x0;
+        field outputs are cast to it.
+      info: a :class:`SamplerInfo`.
+    """
+    _check_inputs(x0, settings, score, key, mask)
+    free = None if mask is None else (1.0 - mask).astype(x0.dtype)
+
+    def field(t, x):
+        b = velocity(t, x, xi).astype(x0.dtype)
+        return b if free is None else b * free
+
+    if settings.method == "euler":
+        return _euler(field, x0, settings)
+    if settings.method == "heun":
+        return _heun(field, x0, settings)
+    if settings.method == "dopri5":
+        return _dopri5(field, x0, settings)
+
+    def score_field(t, x):
+        return score(t, x, xi).astype(x0.dtype)
+
+    return _euler_maruyama(field, score_field, x0, settings, key, free)
+
+
+def make_sampler(
+    velocity: Field,
+    settings: SamplerSettings,
+    *,
+    score: Field | None = None,
+    mesh: Mesh | None = None,
+) -> Callable[..., tuple[jax.Array, SamplerInfo]]:
+    """A jitted ``sample(x0, xi, key=None, mask=None) -> (x1, info)``.
+
+    With a mesh, x0, mask and every ``xi`` leaf whose leading axis is the
+    batch are split over the mesh's data axis (the batch must be a multiple of
+    the device count); x1 comes back split the same way, info replicated.
+    Fields closing over parameters embed them in the program; to pass
+    parameters as arguments, jit your own function that builds the field and
+    calls :func:`integrate`.
+    """
+    _check_fields(settings, score)
+
+    def sample(x0, xi, key=None, mask=None):
+        return integrate(velocity, x0, xi, settings, score=score, key=key, mask=mask)
+
+    if mesh is None:
+        return jax.jit(sample)
+    batch_sharding = sharding.batch_sharding(mesh)
+    jitted = jax.jit(sample, out_shardings=(batch_sharding, sharding.replicated(mesh)))
+
+    def sharded_sample(x0, xi, key=None, mask=None):
+        sharding.check_global_batch(x0.shape[0], mesh)
+
+        def place(a):
+            split = jnp.ndim(a) >= 1 and a.shape[0] == x0.shape[0]
+            target = batch_sharding if split else sharding.replicated(mesh)
+            return jax.device_put(a, target)
+
+        xi, mask = jax.tree.map(place, (xi, mask))
+        key = None if key is None else jax.device_put(key, sharding.replicated(mesh))
+        return jitted(place(x0), xi, key, mask)
+
+    return sharded_sample
+
+
+def check_info(info: SamplerInfo) -> SamplerInfo:
+    """Raises on the host if a sampler stopped before t_max.
+
+    Reads the device values (a synchronisation point); call it once per
+    sampled batch, not inside a jitted function.
+
+    Raises:
+      RuntimeError: when ``info.success`` is False (Dopri5 out of max_steps).
+    """
+    if not bool(np.all(info.success)):
+        raise RuntimeError(
+            f"sampler stopped at t={float(np.min(info.t_final))} before t_max "
+            f"after {int(np.max(info.accepted_steps))} accepted and "
+            f"{int(np.max(info.rejected_steps))} rejected steps "
+            f"({int(np.max(info.nfe))} model calls); raise max_steps or loosen "
+            "rtol/atol"
+        )
+    return info
+
+
+def _check_fields(settings: SamplerSettings, score) -> None:
+    if settings.needs_score and score is None:
+        raise ValueError(
+            f"method 'euler_maruyama' with eps_scale={settings.eps_scale} needs a "
+            "score field: fields.score_from_denoiser (gamma > 0) or "
+            "fields.score_from_velocity (gamma = 0 couplings); or set eps_scale=0"
+        )
+
+
+def _check_inputs(x0, settings, score, key, mask) -> None:
+    _check_fields(settings, score)
+    if jnp.ndim(x0) < 1:
+        raise ValueError(f"x0 must be [batch, ...], got shape {jnp.shape(x0)}")
+    if settings.needs_score and key is None:
+        raise ValueError(
+            "method 'euler_maruyama' with eps_scale > 0 needs a PRNG key, got None"
+        )
+    if mask is not None:
+        try:
+            shape = jnp.broadcast_shapes(jnp.shape(mask), jnp.shape(x0))
+        except ValueError:
+            shape = None
+        if shape != jnp.shape(x0):
+            raise ValueError(
+                f"mask of shape {jnp.shape(mask)} does not broadcast against x0 "
+                f"of shape {jnp.shape(x0)}"
+            )
+
+
+def _info(nfe, nfe_score, t_final, accepted, rejected, success) -> SamplerInfo:
+    return SamplerInfo(
+        nfe=jnp.asarray(nfe, jnp.int32),
+        nfe_score=jnp.asarray(nfe_score, jnp.int32),
+        t_final=jnp.asarray(t_final, jnp.float32),
+        accepted_steps=jnp.asarray(accepted, jnp.int32),
+        rejected_steps=jnp.asarray(rejected, jnp.int32),
+        success=jnp.asarray(success, jnp.bool_),
+    )
+
+
+def _fixed_info(settings: SamplerSettings, nfe: int, nfe_score: int = 0):
+    t_final = np.float32(settings.t_max)
+    return _info(nfe, nfe_score, t_final, settings.num_steps, 0, True)
+
+
+def _euler(field, x0, settings):
+    times, steps = map(jnp.asarray, time_grid(settings))
+
+    def step(i, x):
+        return x + steps[i] * field(times[i], x)
+
+    x1 = jax.lax.fori_loop(0, settings.num_steps, step, x0)
+    return x1, _fixed_info(settings, settings.num_steps)
+
+
+def _heun(field, x0, settings):
+    """Heun's method, looping over the 2N - 1 model calls.
+
+    Call j = 2i (predictor) evaluates at (t_i, x_i) and proposes
+    y = x_i + h_i k1; call j = 2i + 1 (corrector) evaluates at (t_{i+1}, y)
+    and sets x_{i+1} = x_i + h_i (k1 + k2) / 2. The loop ends with the
+    predictor of step N - 1, whose proposal is the Euler last step.
+    """
+    times, steps = map(jnp.asarray, time_grid(settings))
+    nfe = 2 * settings.num_steps - 1
+
+    def call(j, state):
+        x, y, k1 = state
+        i = j // 2
+        predictor = j % 2 == 0
+        k = field(jnp.where(predictor, times[i], times[i + 1]), y)
+        corrected = x + (0.5 * steps[i]) * (k1 + k)
+        x = jnp.where(predictor, x, corrected)
+        y = jnp.where(predictor, x + steps[i] * k, corrected)
+        k1 = jnp.where(predictor, k, k1)
+        return x, y, k1
+
+    _, x1, _ = jax.lax.fori_loop(0, nfe, call, (x0, x0, jnp.zeros_like(x0)))
+    return x1, _fixed_info(settings, nfe)
+
+
+def _euler_maruyama(field, score, x0, settings, key, free):
+    """Euler-Maruyama; the last step is an Euler step of the ODE."""
+    times, steps = map(jnp.asarray, time_grid(settings))
+    n = settings.num_steps
+    if not settings.needs_score:
+        x1, _ = _euler(field, x0, settings)
+        return x1, _fixed_info(settings, n)
+    eps = eps_schedule(settings.eps_schedule, settings.eps_scale)
+
+    def stochastic_part(i, x):
+        t, h = times[i], steps[i]
+        noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+        part = (eps(t) * h) * score(t, x) + jnp.sqrt(2.0 * eps(t) * h) * noise
+        return part if free is None else part * free
+
+    def step(i, x):
+        drift = steps[i] * field(times[i], x)
+        extra = jax.lax.cond(
+            i < n - 1, stochastic_part, lambda i, x: jnp.zeros_like(x), i, x
+        )
+        return x + drift + extra
+
+    x1 = jax.lax.fori_loop(0, n, step, x0)
+    return x1, _fixed_info(settings, 2 * n - 1, n - 1)
+
+
+# Dormand-Prince 5(4): nodes, stage matrix (row s gives stage s + 1 from the
+# earlier stages), 5th-order weights (equal to the last row, hence FSAL) and
+# the difference between the 5th- and 4th-order weights (error estimate).
+_DP_C = np.array([0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0])
+_DP_A = np.zeros((7, 7))
+_DP_A[1, :1] = [1 / 5]
+_DP_A[2, :2] = [3 / 40, 9 / 40]
+_DP_A[3, :3] = [44 / 45, -56 / 15, 32 / 9]
+_DP_A[4, :4] = [19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729]
+_DP_A[5, :5] = [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656]
+_DP_A[6, :6] = [35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84]
+_DP_B = _DP_A[6]
+_DP_E = np.array(
+    [
+        71 / 57600,
+        0.0,
+        -71 / 16695,
+        71 / 1920,
+        -17253 / 339200,
+        22 / 525,
+        -1 / 40,
+    ]
+)
+
+
+def _rms(x: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.mean(jnp.square(x)))
+
+
+def _combine(weights: jax.Array, stages: jax.Array) -> jax.Array:
+    """sum_s weights[s] * stages[s] for stages [7, batch, ...]."""
+    return jnp.tensordot(weights.astype(stages.dtype), stages, axes=1)
+
+
+def _initial_step(field, t0, x0, k0, settings):
+    """Hairer's starting step: one model call at t0 + h0."""
+    scale = settings.atol + settings.rtol * jnp.abs(x0)
+    d0, d1 = _rms(x0 / scale), _rms(k0 / scale)
+    span = jnp.float32(settings.t_max - settings.t_min)
+    h0 = jnp.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
+    h0 = jnp.minimum(h0, span).astype(jnp.float32)
+    k1 = field(t0 + h0, x0 + h0 * k0)
+    d2 = _rms((k1 - k0) / scale) / h0
+    biggest = jnp.maximum(d1, d2)
+    h1 = jnp.where(
+        biggest <= 1e-15,
+        jnp.maximum(1e-6, h0 * 1e-3),
+        (0.01 / jnp.maximum(biggest, 1e-15)) ** 0.2,
+    )
+    return jnp.minimum(jnp.minimum(100.0 * h0, h1), span).astype(jnp.float32)
+
+
+def _dopri5_attempt(field, t, x, k0, h, t_end):
+    """One Dormand-Prince step from (t, x) with k0 = f(t, x); six model calls.
+
+    Returns the 5th-order solution, its field value (the next k0) and the
+    local error estimate.
+    """
+    a, c = jnp.asarray(_DP_A, jnp.float32), jnp.asarray(_DP_C, jnp.float32)
+    stages = jnp.zeros((7,) + x.shape, x.dtype).at[0].set(k0)
+
+    def stage(s, stages):
+        y = x + h * _combine(a[s], stages)
+        t_s = jnp.where(s == 6, t_end, t + c[s] * h)
+        return stages.at[s].set(field(t_s, y))
+
+    stages = jax.lax.fori_loop(1, 7, stage, stages)
+    x_new = x + h * _combine(jnp.asarray(_DP_B, jnp.float32), stages)
+    error = h * _combine(jnp.asarray(_DP_E, jnp.float32), stages)
+    return x_new, stages[6], error
+
+
+def _dopri5(field, x0, settings):
+    t0 = jnp.float32(settings.t_min)
+    t1 = jnp.float32(settings.t_max)
+    k0 = field(t0, x0)
+    if settings.first_step is None:
+        h = _initial_step(field, t0, x0, k0, settings)
+        nfe_start = 2
+    else:
+        h = jnp.float32(settings.first_step)
+        nfe_start = 1
+
+    def running(state):
+        t, _, _, _, accepted, rejected = state
+        return (t < t1) & (accepted + rejected < settings.max_steps)
+
+    def attempt(state):
+        t, x, k0, h, accepted, rejected = state
+        last = t + h >= t1
+        h = jnp.where(last, t1 - t, h)
+        t_end = jnp.where(last, t1, t + h)
+        x_new, k_new, error = _dopri5_attempt(field, t, x, k0, h, t_end)
+        scale = settings.atol + settings.rtol * jnp.maximum(jnp.abs(x), jnp.abs(x_new))
+        err = _rms(error / scale)
+        ok = err <= 1.0
+        factor = jnp.where(err > 0, settings.safety * err**-0.2, settings.max_factor)
+        factor = jnp.clip(
+            jnp.nan_to_num(factor, nan=settings.min_factor),
+            settings.min_factor,
+            jnp.where(ok, settings.max_factor, 1.0),
+        )
+        return (
+            jnp.where(ok, t_end, t),
+            jnp.where(ok, x_new, x),
+            jnp.where(ok, k_new, k0),
+            (h * factor).astype(jnp.float32),
+            accepted + ok.astype(jnp.int32),
+            rejected + (~ok).astype(jnp.int32),
+        )
+
+    zero = jnp.int32(0)
+    state = (t0, x0, k0, h, zero, zero)
+    t, x1, _, _, accepted, rejected = jax.lax.while_loop(running, attempt, state)
+    nfe = nfe_start + 6 * (accepted + rejected)
+    return x1, _info(nfe, 0, t, accepted, rejected, t >= t1)

@@ -1,0 +1,475 @@
+"""Samplers against exact Gaussian answers, exact call counts and masks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stochinterp import fields, interpolants, samplers, sharding
+from stochinterp.oracle import GaussianOracle
+
+Settings = samplers.SamplerSettings
+T_MIN, T_MAX = 1e-3, 1.0 - 1e-3
+
+
+def _gaussian(d: int, seed: int) -> tuple[jax.Array, jax.Array]:
+    factor = jax.random.normal(jax.random.key(seed), (d, d)) / np.sqrt(d)
+    return jnp.linspace(-1.0, 1.0, d), factor @ factor.T + 0.3 * jnp.eye(d)
+
+
+def _oracle(kind: str, interpolant=None, d: int = 6) -> GaussianOracle:
+    interpolant = interpolant or interpolants.linear()
+    mu1, S1 = _gaussian(d, seed=d)
+    if kind == "independent":
+        return GaussianOracle.independent(mu1, S1, interpolant)
+    if kind == "inpainting":
+        mask = jnp.arange(d) % 3 == 0
+        return GaussianOracle.inpainting(mu1, S1, mask, interpolant)
+    mu1, S1 = _gaussian(8, seed=8)
+    return GaussianOracle.superres(mu1, S1, (2, 4, 1), 2, 0.7, interpolant)
+
+
+def _velocity(oracle):
+    return lambda t, x, xi: oracle.velocity(t, x)
+
+
+def _moment_points(oracle, t):
+    """The mean and the mean plus each Cholesky column of x_t: [d + 1, d]."""
+    mean = oracle.mean(t)
+    chol = jnp.linalg.cholesky(oracle.cov(t))
+    return jnp.concatenate([mean[None], mean[None] + chol.T])
+
+
+def _moment_error(oracle, points):
+    """Error of the pushed-forward mean and covariance at T_MAX.
+
+    The Gaussian velocity is affine in x, so every sampler here maps all
+    points by one affine map: the images of ``_moment_points`` give the exact
+    mean and covariance of the sampler's output distribution.
+    """
+    mean = points[0]
+    diffs = points[1:] - mean
+    cov = diffs.T @ diffs
+    return float(
+        jnp.linalg.norm(mean - oracle.mean(T_MAX))
+        + jnp.linalg.norm(cov - oracle.cov(T_MAX))
+    )
+
+
+def _counting(field, log):
+    """Wraps a field so that every executed call appends its time to ``log``."""
+
+    def counted(t, x, xi):
+        jax.debug.callback(lambda t: log.append(float(t)), t)
+        return field(t, x, xi)
+
+    return counted
+
+
+def _run_counted(run):
+    log = []
+    out = run(log)
+    jax.block_until_ready(out)
+    jax.effects_barrier()
+    return out, log
+
+
+# ---------------------------------------------------------------- ODE orders
+
+
+@pytest.mark.parametrize("kind", ["independent", "inpainting"])
+@pytest.mark.parametrize(
+    "method, steps, order",
+    [("euler", (16, 32, 64, 128), 1.0), ("heun", (8, 16, 32, 64), 2.0)],
+)
+def test_fixed_step_order(kind, method, steps, order):
+    oracle = _oracle(kind)
+    points = _moment_points(oracle, T_MIN)
+    errors = []
+    for n in steps:
+        settings = Settings(method, num_steps=n, t_min=T_MIN, t_max=T_MAX)
+        x1, _ = samplers.integrate(_velocity(oracle), points, {}, settings)
+        errors.append(_moment_error(oracle, x1))
+    slope = np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    assert abs(slope + order) < 0.15, (errors, slope)
+
+
+def test_dopri5_meets_tolerance_against_fine_reference():
+    oracle = _oracle("superres")
+    x0 = jax.random.normal(jax.random.key(3), (16, oracle.dim))
+    fine = Settings("heun", num_steps=4000, t_min=T_MIN, t_max=T_MAX)
+    with jax.enable_x64(True):
+        oracle64 = GaussianOracle(
+            *(jnp.asarray(a, jnp.float64) for a in (oracle.mu1, oracle.S1)),
+            *(jnp.asarray(a, jnp.float64) for a in (oracle.A, oracle.c, oracle.S_s)),
+            oracle.interpolant,
+        )
+        reference, _ = samplers.integrate(
+            _velocity(oracle64), x0.astype(jnp.float64), {}, fine
+        )
+        reference = np.asarray(reference)
+    previous_error = np.inf
+    for tol in (1e-3, 1e-4, 1e-5):
+        settings = Settings(rtol=tol, atol=tol, t_min=T_MIN, t_max=T_MAX)
+        x1, info = samplers.integrate(_velocity(oracle), x0, {}, settings)
+        difference = np.asarray(x1, np.float64) - reference
+        scaled = difference / (tol + tol * np.abs(reference))
+        error = np.sqrt(np.mean(np.square(scaled)))
+        assert error < 5.0, (tol, error)
+        absolute = np.abs(difference).max()
+        assert absolute < previous_error
+        previous_error = absolute
+        steps = int(info.accepted_steps + info.rejected_steps)
+        assert int(info.nfe) == 2 + 6 * steps
+        assert bool(info.success) and float(info.t_final) == np.float32(T_MAX)
+
+
+# ---------------------------------------------------------- Euler-Maruyama
+
+EM_SAMPLES = 10_000
+EM_STEPS = 1000  # weak error of the step well below 3 standard errors
+
+
+def _sde_problem(base: str, score_factor: float = 1.0):
+    """(oracle, velocity, score, x_start, mask, eps_schedule) for an SDE test.
+
+    'gaussian': independent Gaussian base with gamma = sqrt(t (1 - t)), score
+    from the exact denoiser. 'coupled': in-painting coupling with gamma = 0,
+    score from the velocity; the centre of x0 is its known part.
+    """
+    if base == "gaussian":
+        interpolant = interpolants.linear(gamma="sqrt")
+        oracle = _oracle("independent", interpolant, d=4)
+        velocity = _velocity(oracle)
+
+        def denoiser(t, x, xi):
+            # The oracle's g = gamma S_t^{-1} (x - mu_t), with S_t^{-1} formed
+            # once per call: a solve with 10k right-hand sides is slow on CPU.
+            precision = jnp.linalg.inv(oracle.cov(t))
+            return oracle.interpolant.gamma(t) * (x - oracle.mean(t)) @ precision
+
+        score = fields.score_from_denoiser(denoiser, interpolant)
+        mask, schedule = None, "constant"
+    else:
+        oracle = _oracle("inpainting", d=4)
+        velocity = _velocity(oracle)
+        mask = jnp.diag(oracle.A)
+    chol = jnp.linalg.cholesky(oracle.cov(T_MIN))
+    noise = jax.random.normal(jax.random.key(11), (EM_SAMPLES, oracle.dim))
+    x_start = oracle.mean(T_MIN) + noise @ chol.T
+    if base != "gaussian":
+        score = fields.score_from_velocity(
+            velocity, oracle.interpolant, x_start * mask, 1.0 - mask
+        )
+        schedule = "decay"
+    scaled_score = lambda t, x, xi: score_factor * score(t, x, xi)  # noqa: E731
+    return oracle, velocity, scaled_score, x_start, mask, schedule
+
+
+def _moment_z_scores(oracle, x1) -> np.ndarray:
+    """|z| of every coordinate's sample mean and variance against the target."""
+    n = x1.shape[0]
+    mean, var = oracle.mean(T_MAX), jnp.diag(oracle.cov(T_MAX))
+    z_mean = (x1.mean(0) - mean) / jnp.sqrt(var / n)
+    z_var = (x1.var(0, ddof=1) - var) / (var * np.sqrt(2.0 / (n - 1)))
+    return np.abs(np.concatenate([z_mean, z_var]))
+
+
+def _em_z_scores(base, eps_scale, score_factor=1.0):
+    oracle, velocity, score, x_start, mask, schedule = _sde_problem(base, score_factor)
+    settings = Settings(
+        "euler_maruyama",
+        num_steps=EM_STEPS,
+        t_min=T_MIN,
+        t_max=T_MAX,
+        eps_schedule=schedule,
+        eps_scale=eps_scale,
+    )
+    x1, info = samplers.integrate(
+        velocity, x_start, {}, settings, score=score, key=jax.random.key(5), mask=mask
+    )
+    return _moment_z_scores(oracle, x1)
+
+
+@pytest.mark.parametrize("base", ["gaussian", "coupled"])
+@pytest.mark.parametrize("eps_scale", [0.0, 0.5, 1.0, 2.0])
+def test_euler_maruyama_keeps_target_moments(base, eps_scale):
+    z = _em_z_scores(base, eps_scale)
+    assert z.max() < 3.0, z
+
+
+@pytest.mark.parametrize("base", ["gaussian", "coupled"])
+@pytest.mark.parametrize("broken", ["score", "noise"])
+def test_moment_check_rejects_misscaled_sde(base, broken):
+    # Doubling eps while halving the score doubles the noise variance only.
+    if broken == "score":
+        z = _em_z_scores(base, 1.0, score_factor=2.0)
+    else:
+        z = _em_z_scores(base, 2.0, score_factor=0.5)
+    assert z.max() > 3.0, z
+
+
+# ------------------------------------------------------------ model calls
+
+
+def _toy_velocity(t, x, xi):
+    return jnp.sin(x) + t
+
+
+def _toy_score(t, x, xi):
+    return -x
+
+
+@pytest.mark.parametrize("num_steps", [1, 3, 8])
+@pytest.mark.parametrize("method", ["euler", "heun", "euler_maruyama"])
+def test_fixed_step_calls_counted_exactly(method, num_steps):
+    settings = Settings(method, num_steps=num_steps, eps_schedule="bump")
+    x0 = jnp.ones((3, 2))
+
+    def run(log):
+        velocity = _counting(_toy_velocity, log)
+        score = fields.score_from_velocity(
+            velocity, interpolants.linear(), jnp.zeros_like(x0), 1.0
+        )
+        return samplers.make_sampler(velocity, settings, score=score)(
+            x0, {}, key=jax.random.key(0)
+        )
+
+    (_, info), log = _run_counted(run)
+    expected = {"euler": num_steps, "heun": 2 * num_steps - 1}
+    assert int(info.nfe) == len(log) == expected.get(method, 2 * num_steps - 1)
+    assert int(info.nfe_score) == (num_steps - 1 if method == "euler_maruyama" else 0)
+    assert int(info.accepted_steps) == num_steps and int(info.rejected_steps) == 0
+    # The grid t_i = t_min + i (t_max - t_min) / N; t_max is never evaluated.
+    times, _ = samplers.time_grid(settings)
+    assert set(np.float32(log)) == set(times[:-1])
+    assert float(info.t_final) == np.float32(settings.t_max)
+
+
+def test_euler_maruyama_counts_velocity_and_score_separately():
+    settings = Settings("euler_maruyama", num_steps=5, eps_scale=0.3)
+    velocity_log, score_log = [], []
+    velocity = _counting(_toy_velocity, velocity_log)
+    score = _counting(_toy_score, score_log)
+    _, info = samplers.make_sampler(velocity, settings, score=score)(
+        jnp.ones((2, 3)), {}, key=jax.random.key(1)
+    )
+    jax.block_until_ready(info)
+    jax.effects_barrier()
+    assert len(velocity_log) == 5 and len(score_log) == int(info.nfe_score) == 4
+    assert int(info.nfe) == 9
+    assert max(score_log) < settings.t_max  # never the score at t_max
+
+
+def test_euler_maruyama_with_zero_eps_is_euler_and_needs_no_score():
+    x0 = jax.random.normal(jax.random.key(2), (4, 3))
+    em = Settings("euler_maruyama", num_steps=7, eps_scale=0.0)
+    x_em, info = samplers.integrate(_toy_velocity, x0, {}, em)
+    x_euler, _ = samplers.integrate(
+        _toy_velocity, x0, {}, Settings("euler", num_steps=7)
+    )
+    np.testing.assert_array_equal(x_em, x_euler)
+    assert int(info.nfe) == 7 and int(info.nfe_score) == 0
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"rtol": 1e-3, "atol": 1e-6}, {"first_step": 0.05}]
+)
+def test_dopri5_calls_counted_exactly(overrides):
+    settings = Settings(**overrides)
+
+    def run(log):
+        velocity = _counting(lambda t, x, xi: -3.0 * x * jnp.cos(4.0 * t), log)
+        return samplers.make_sampler(velocity, settings)(jnp.ones((2, 2)), {})
+
+    (x1, info), log = _run_counted(run)
+    attempts = int(info.accepted_steps + info.rejected_steps)
+    start = 1 if "first_step" in overrides else 2
+    assert int(info.nfe) == len(log) == start + 6 * attempts
+    assert min(log) == np.float32(settings.t_min)
+    assert max(log) == np.float32(settings.t_max) == float(info.t_final)
+    assert bool(info.success)
+    # dx/dt = -3 cos(4t) x has the closed form x = exp(-3/4 (sin 4t - sin 4t0)).
+    exact = np.exp(-0.75 * (np.sin(4 * settings.t_max) - np.sin(4 * settings.t_min)))
+    # A local-error controller does not bound the global error by rtol; with
+    # four or so steps on this problem it stays within a few tens of rtol.
+    np.testing.assert_allclose(x1, exact, rtol=50 * settings.rtol)
+
+
+def test_dopri5_rejects_steps_and_reports_running_out():
+    stiff = lambda t, x, xi: -50.0 * (x - jnp.sin(10.0 * t))  # noqa: E731
+    settings = Settings(rtol=1e-6, atol=1e-6, first_step=0.5)
+    _, info = samplers.integrate(stiff, jnp.zeros((1, 1)), {}, settings)
+    assert int(info.rejected_steps) > 0 and bool(info.success)
+    samplers.check_info(info)
+
+    short = Settings(rtol=1e-6, atol=1e-6, max_steps=5)
+    _, info = samplers.integrate(stiff, jnp.zeros((1, 1)), {}, short)
+    assert not bool(info.success)
+    assert int(info.accepted_steps + info.rejected_steps) == 5
+    assert float(info.t_final) < short.t_max
+    assert int(info.nfe) == 2 + 6 * 5
+    with pytest.raises(RuntimeError, match="max_steps"):
+        samplers.check_info(info)
+
+
+# ---------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        Settings("euler", num_steps=5),
+        Settings("heun", num_steps=5),
+        Settings(rtol=1e-4, atol=1e-4),
+        Settings("euler_maruyama", num_steps=5, eps_schedule="constant"),
+    ],
+    ids=lambda s: s.method,
+)
+def test_inpainting_keeps_known_pixels_bit_identical(settings):
+    from stochinterp.couplings import tile_mask
+
+    x0 = jax.random.normal(jax.random.key(4), (2, 8, 8, 3))
+    mask = tile_mask(jax.random.key(5), x0.shape, grid=4, p=0.5)
+    xi = {"cond": mask, "mask": mask, "labels": None}
+    x1, _ = samplers.integrate(
+        _toy_velocity,
+        x0,
+        xi,
+        settings,
+        score=_toy_score,
+        key=jax.random.key(6),
+        mask=mask,
+    )
+    known = jnp.broadcast_to(mask, x0.shape) == 1.0
+    assert 0 < int(known.sum()) < known.size
+    np.testing.assert_array_equal(x1[known], x0[known])
+    assert bool(jnp.all(x1[~known] != x0[~known]))
+
+
+# ------------------------------------------------------------- sharding
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        Settings("heun", num_steps=6),
+        Settings(rtol=1e-5, atol=1e-5),
+        Settings("euler_maruyama", num_steps=6),
+    ],
+    ids=lambda s: s.method,
+)
+def test_sharded_sampling_equals_single_device(settings):
+    assert jax.device_count() == 2
+    mesh = sharding.make_mesh()
+    x0 = jax.random.normal(jax.random.key(7), (8, 4, 4, 2))
+    mask = (jnp.arange(8)[:, None, None, None] % 2) * jnp.ones((8, 4, 4, 1))
+    cond = jnp.cos(x0)
+    xi = {"cond": cond, "mask": mask, "labels": None}
+
+    def velocity(t, x, xi):
+        return jnp.tanh(x * xi["cond"]) - t * x
+
+    key = jax.random.key(8)
+    args = dict(score=_toy_score)
+    single = samplers.make_sampler(velocity, settings, **args)
+    sharded = samplers.make_sampler(velocity, settings, mesh=mesh, **args)
+    x_single, info_single = single(x0, xi, key=key, mask=mask)
+    x_sharded, info_sharded = sharded(x0, xi, key=key, mask=mask)
+    assert x_sharded.sharding.is_equivalent_to(sharding.batch_sharding(mesh), 4)
+    assert len(x_sharded.addressable_shards) == 2
+    np.testing.assert_allclose(x_sharded, x_single, rtol=1e-5, atol=1e-6)
+    assert int(info_sharded.nfe) == int(info_single.nfe)
+
+
+# ------------------------------------------------------------- guidance
+
+
+def test_guided_field_samples_closed_form_and_counts_one_call_per_step():
+    # Per-class velocity means[label] - x; the null class has mean zero, so the
+    # guided field is scale * means[label] - x, solved in closed form.
+    num_classes, scale = 3, 2.5
+    means = jnp.concatenate([jnp.eye(num_classes), jnp.zeros((1, num_classes))])
+    shapes = []
+
+    def network(t, x, xi):
+        jax.debug.callback(lambda n: shapes.append(int(n)), x.shape[0])
+        return means[xi["labels"]] - x
+
+    velocity = fields.guided(network, scale, null_label=num_classes)
+    settings = Settings(rtol=1e-6, atol=1e-6)
+    labels = jnp.array([0, 2, 1, 1])
+    x0 = jax.random.normal(jax.random.key(9), (4, num_classes))
+    xi = {"cond": None, "mask": None, "labels": labels}
+    x1, info = samplers.make_sampler(velocity, settings)(x0, xi)
+    jax.block_until_ready(x1)
+    jax.effects_barrier()
+
+    target = scale * means[labels]
+    decay = np.exp(-(settings.t_max - settings.t_min))
+    np.testing.assert_allclose(x1, target + (x0 - target) * decay, atol=2e-5)
+    assert len(shapes) == int(info.nfe) and set(shapes) == {2 * x0.shape[0]}
+
+
+# ------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"method": "rk4", "num_steps": 4}, "rk4"),
+        ({"method": "euler", "t_min": 0.5, "t_max": 0.5, "num_steps": 4}, "0.5"),
+        ({"method": "euler", "t_min": 0.0, "t_max": 1.5, "num_steps": 4}, "1.5"),
+        ({"method": "euler", "num_steps": 0}, "num_steps"),
+        ({"method": "heun"}, "None"),
+        ({"method": "heun", "num_steps": 2.5}, "2.5"),
+        ({"method": "dopri5", "num_steps": 10}, "num_steps=10"),
+        ({"rtol": -1e-5}, "rtol=-1e-05"),
+        ({"rtol": 0.0, "atol": 0.0}, "not both 0"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"first_step": 2.0}, "first_step"),
+        ({"min_factor": 2.0}, "min_factor"),
+        ({"method": "euler_maruyama", "num_steps": 4, "eps_scale": -1.0}, "-1.0"),
+        ({"method": "euler_maruyama", "num_steps": 4, "eps_schedule": "x"}, "'x'"),
+    ],
+)
+def test_contradictory_settings_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Settings(**kwargs)
+
+
+def test_missing_inputs_raise_before_work():
+    em = Settings("euler_maruyama", num_steps=4)
+    x0 = jnp.ones((2, 3))
+    with pytest.raises(ValueError, match="score"):
+        samplers.integrate(_toy_velocity, x0, {}, em, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="score"):
+        samplers.make_sampler(_toy_velocity, em)
+    with pytest.raises(ValueError, match="PRNG key"):
+        samplers.integrate(_toy_velocity, x0, {}, em, score=_toy_score)
+    with pytest.raises(ValueError, match=r"\(4,\)"):
+        samplers.integrate(_toy_velocity, x0, {}, Settings(), mask=jnp.ones(4))
+
+
+def test_settings_from_config_and_static_jit():
+    from ml_collections import config_dict
+
+    config = config_dict.ConfigDict(
+        {
+            "method": "heun",
+            "num_steps": config_dict.placeholder(int),
+            "t_min": 0.0,
+            "t_max": 1.0,
+            "guidance_scale": 1.0,  # read elsewhere; ignored here
+        }
+    )
+    config.num_steps = 4
+    settings = Settings.from_config(config)
+    assert settings == Settings("heun", num_steps=4, t_min=0.0, t_max=1.0)
+    assert hash(settings) == hash(Settings("heun", num_steps=4, t_min=0.0, t_max=1.0))
+
+    jitted = jax.jit(samplers.integrate, static_argnums=(0, 3))
+    x0 = jnp.zeros((2, 2))
+    x1, info = jitted(lambda t, x, xi: jnp.ones_like(x), x0, {}, settings)
+    np.testing.assert_allclose(x1, 1.0, rtol=1e-6)
+    assert int(info.nfe) == 7
