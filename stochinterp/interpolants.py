@@ -94,6 +94,25 @@ def _expand(t: jax.Array, ndim: int) -> jax.Array:
     return jnp.reshape(t, t.shape + (1,) * (ndim - t.ndim))
 
 
+def broadcast_time(t: jax.Array, x: jax.Array) -> jax.Array:
+    """Reshapes times to broadcast against a batch.
+
+    Args:
+      t: a scalar or [batch] times.
+      x: [batch, ...] array.
+
+    Returns:
+      t with trailing unit axes, [] or [batch, 1, ..., 1], so that
+      ``alpha(broadcast_time(t, x)) * x`` scales each example by its own time.
+    """
+    t = jnp.asarray(t)
+    if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != x.shape[0]):
+        raise ValueError(
+            f"times must be a scalar or [batch] = [{x.shape[0]}], got shape {t.shape}"
+        )
+    return t if t.ndim == 0 else _expand(t, x.ndim)
+
+
 def _zero(t):
     return jnp.zeros_like(t)
 

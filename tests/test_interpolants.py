@@ -155,3 +155,14 @@ def test_sample_times_cover_the_range():
     assert abs(float(t.mean()) - 0.45) < 0.005
     with pytest.raises(ValueError, match="t_min=0.5, t_max=0.5"):
         interpolants.sample_times(jax.random.key(0), 4, 0.5, 0.5)
+
+
+def test_broadcast_time():
+    x = jnp.ones((3, 2, 2, 3))
+    t = jnp.array([0.1, 0.5, 0.9])
+    scaled = interpolants.linear().alpha(interpolants.broadcast_time(t, x)) * x
+    np.testing.assert_allclose(scaled[:, 0, 0, 0], 1.0 - t)
+    np.testing.assert_allclose(scaled[:, 1, 1, 2], 1.0 - t)
+    assert interpolants.broadcast_time(0.5, x).shape == ()
+    with pytest.raises(ValueError, match=r"\[3\].*\(4,\)"):
+        interpolants.broadcast_time(jnp.zeros(4), x)
