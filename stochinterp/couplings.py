@@ -264,14 +264,13 @@ class ClassConditioning:
     """Adds class labels to any coupling, with classifier-free-guidance drops.
 
     Each label is replaced by the null class ``num_classes`` with probability
-    ``p_uncond``. With ``class_channel`` the label index is also fed as one
-    constant image channel.
+    ``p_uncond``. How labels enter the network (a learned embedding, or a
+    constant class channel) is the network's choice (``UNet.class_channel``).
     """
 
     base: Coupling
     num_classes: int
     p_uncond: float = 0.0
-    class_channel: bool = False
 
     def __post_init__(self):
         _check_positive_int("num_classes", self.num_classes)
@@ -293,18 +292,11 @@ class ClassConditioning:
         if self.p_uncond > 0:
             drop = jax.random.bernoulli(key_drop, self.p_uncond, labels.shape)
             labels = jnp.where(drop, self.num_classes, labels)
-        cond = sample.cond
-        if self.class_channel:
-            channel = jnp.broadcast_to(
-                labels[:, None, None, None].astype(x1.dtype), x1.shape[:3] + (1,)
-            )
-            cond = channel if cond is None else jnp.concatenate([cond, channel], -1)
-        return sample.replace(cond=cond, labels=labels)
+        return sample.replace(labels=labels)
 
     @property
     def cond_channels_per_image_channel(self) -> tuple[int, int]:
-        const, per = self.base.cond_channels_per_image_channel
-        return const + int(self.class_channel), per
+        return self.base.cond_channels_per_image_channel
 
 
 def cond_channels(coupling, image_channels: int) -> int:
@@ -319,8 +311,8 @@ def from_config(config) -> Coupling:
     Fields: ``name`` in {'independent', 'inpainting', 'superres'}; ``grid``,
     ``p`` (in-painting); ``factor``, ``sigma`` (super-resolution);
     ``baseline_condition`` ('none', 'inpainting' or 'superres', independent
-    only); ``num_classes`` (0 = unconditional), ``p_uncond``,
-    ``class_channel``.
+    only); ``num_classes`` (0 = unconditional), ``p_uncond``. (The field
+    ``class_channel`` configures the network, not the coupling.)
     """
     name = config.name
     inpaint = lambda: InpaintingCoupling(grid=config.grid, p=config.p)  # noqa: E731
@@ -346,7 +338,5 @@ def from_config(config) -> Coupling:
             "or 'superres'"
         )
     if config.num_classes:
-        coupling = ClassConditioning(
-            coupling, config.num_classes, config.p_uncond, config.class_channel
-        )
+        coupling = ClassConditioning(coupling, config.num_classes, config.p_uncond)
     return coupling

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from stochinterp.interpolants import Interpolant
+from stochinterp.interpolants import Interpolant, broadcast_time
 
 Field = Callable[[jax.Array, jax.Array, dict], jax.Array]
 
@@ -123,6 +123,7 @@ def score_from_velocity(
 
     def score(t, x, xi):
         b = velocity(t, x, xi)
+        t = broadcast_time(jnp.asarray(t, x.dtype), x)
         alpha, beta = interpolant.alpha(t), interpolant.beta(t)
         alpha_dot, beta_dot = interpolant.alpha_dot(t), interpolant.beta_dot(t)
         x0_mean = (beta_dot * x - beta * b) / (alpha * beta_dot - alpha_dot * beta)
@@ -141,6 +142,7 @@ def score_from_denoiser(denoiser: Field, interpolant: Interpolant) -> Field:
         )
 
     def score(t, x, xi):
-        return -denoiser(t, x, xi) / interpolant.gamma(jnp.asarray(t, jnp.float32))
+        gamma = interpolant.gamma(broadcast_time(jnp.asarray(t, x.dtype), x))
+        return -denoiser(t, x, xi) / gamma
 
     return score

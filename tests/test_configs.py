@@ -37,7 +37,7 @@ def test_config_validates_and_builds_its_network(name):
     n = count_params(
         model,
         (height, width, channels),
-        cond_channels=couplings.cond_channels(coupling, channels) - model.class_channel,
+        cond_channels=couplings.cond_channels(coupling, channels),
         with_labels=bool(config.coupling.num_classes),
     )
     assert n > 100_000

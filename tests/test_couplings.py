@@ -140,19 +140,13 @@ def test_class_conditioning_drops_to_the_null_class():
         jax.jit(drop_all)(jax.random.key(5), x1, labels).labels, 10
     )
 
-    some = ClassConditioning(
-        SuperResolutionCoupling(factor=2), 10, p_uncond=0.2, class_channel=True
-    )
+    some = ClassConditioning(SuperResolutionCoupling(factor=2), 10, p_uncond=0.2)
     sample = jax.device_get(jax.jit(some)(jax.random.key(6), x1, labels))
     dropped = sample.labels == 10
     assert abs(dropped.sum() - 800) < 4 * np.sqrt(4000 * 0.2 * 0.8)
     np.testing.assert_array_equal(sample.labels[~dropped], labels[~dropped])
-    # The constant class channel follows the (possibly dropped) label.
-    assert sample.cond.shape[-1] == couplings.cond_channels(some, 1) == 2
-    np.testing.assert_array_equal(
-        sample.cond[..., -1],
-        np.broadcast_to(sample.labels[:, None, None], (4000, 4, 4)),
-    )
+    # Labels add no image channel: the network decides how they enter.
+    assert sample.cond.shape[-1] == couplings.cond_channels(some, 1) == 1
     with pytest.raises(ValueError, match="needs labels"):
         keep(jax.random.key(0), x1)
 
@@ -218,9 +212,7 @@ def test_from_config_builds_every_coupling():
     conditional = couplings.from_config(
         _config(name="superres", num_classes=10, p_uncond=0.1, class_channel=True)
     )
-    assert conditional == ClassConditioning(
-        SuperResolutionCoupling(4, 1.0), 10, 0.1, True
-    )
+    assert conditional == ClassConditioning(SuperResolutionCoupling(4, 1.0), 10, 0.1)
     with pytest.raises(ValueError, match="'colour'"):
         couplings.from_config(_config(name="colour"))
     with pytest.raises(ValueError, match="'both'"):
