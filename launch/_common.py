@@ -30,20 +30,26 @@ flags.DEFINE_integer("num_processes", None, "number of processes (default 1)")
 flags.DEFINE_integer("process_id", None, "index of this process")
 
 FLAGS = flags.FLAGS
+_COUNT_FLAG = "xla_force_host_platform_device_count"
 
 
 def set_cpu_devices() -> None:
-    """Sets ``--xla_force_host_platform_device_count`` before jax is imported."""
+    """Sets the CPU device count in ``XLA_FLAGS`` before jax is imported.
+
+    ``--cpu_devices`` wins over a count already in ``XLA_FLAGS``; without the
+    flag an existing count is kept, else there is one device per core.
+    """
     if "jax" in sys.modules:
         raise RuntimeError("set_cpu_devices must run before jax is imported")
+    xla_flags = os.environ.get("XLA_FLAGS", "").split()
+    has_count = any(f.startswith(f"--{_COUNT_FLAG}=") for f in xla_flags)
+    if FLAGS.cpu_devices is None and has_count:
+        return
     count = FLAGS.cpu_devices if FLAGS.cpu_devices is not None else os.cpu_count() or 1
     if count < 1:
         raise ValueError(f"--cpu_devices must be >= 1, got {count}")
-    xla_flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in xla_flags:
-        os.environ["XLA_FLAGS"] = (
-            f"{xla_flags} --xla_force_host_platform_device_count={count}".strip()
-        )
+    kept = [f for f in xla_flags if not f.startswith(f"--{_COUNT_FLAG}=")]
+    os.environ["XLA_FLAGS"] = " ".join([*kept, f"--{_COUNT_FLAG}={count}"])
 
 
 def check_workdir(workdir: str) -> str:
@@ -55,7 +61,7 @@ def check_workdir(workdir: str) -> str:
     path = os.path.abspath(os.path.expanduser(workdir))
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write_test")
+        probe = os.path.join(path, f".write_test.{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)

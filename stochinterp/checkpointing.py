@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
@@ -35,17 +35,41 @@ def make_manager(
         cleanup_tmp_directories=True,
         create=True,
     )
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    handlers = {
+        "state": ocp.StandardCheckpointHandler(),
+        "data": ocp.JsonCheckpointHandler(),
+    }
+    return ocp.CheckpointManager(
+        os.path.abspath(directory), options=options, item_handlers=handlers
+    )
 
 
-def _check_finite(state) -> None:
-    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-        if jax.dtypes.issubdtype(leaf.dtype, np.floating):
-            if not bool(jax.numpy.isfinite(leaf).all()):
-                raise FloatingPointError(
-                    f"refusing to save a checkpoint: {jax.tree_util.keystr(path)} "
-                    "holds non-finite values"
-                )
+@jax.jit
+def _finite_leaves(state) -> jax.Array:
+    """[num_float_leaves] bool: whether each floating leaf is all finite."""
+    flags = [
+        jnp.all(jnp.isfinite(leaf))
+        for leaf in jax.tree.leaves(state)
+        if jnp.issubdtype(leaf.dtype, jnp.inexact)
+    ]
+    return jnp.stack(flags) if flags else jnp.ones((0,), bool)
+
+
+def check_finite(state) -> None:
+    """Raises FloatingPointError naming the first leaf that is not finite."""
+    finite = sharding.to_host(_finite_leaves(state))
+    if finite.all():
+        return
+    paths = [
+        jax.tree_util.keystr(path)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+        if jnp.issubdtype(leaf.dtype, jnp.inexact)
+    ]
+    bad = [p for p, ok in zip(paths, finite, strict=True) if not ok]
+    raise FloatingPointError(
+        f"refusing to save a checkpoint: {bad[0]} holds non-finite values "
+        f"({len(bad)} of {len(paths)} floating leaves are affected)"
+    )
 
 
 def save(
@@ -61,7 +85,7 @@ def save(
       FloatingPointError: if any floating leaf of the state is not finite;
         nothing is written then.
     """
-    _check_finite(state)
+    check_finite(state)
     items = {"state": ocp.args.StandardSave(state)}
     if data_state is not None:
         items["data"] = ocp.args.JsonSave(data_state)
@@ -78,24 +102,39 @@ def abstract_like(state, mesh: Mesh):
     return jax.tree.map(spec, state)
 
 
-def restore_latest(manager: ocp.CheckpointManager, template, mesh: Mesh):
-    """Restores the latest complete checkpoint onto ``mesh``.
+def restore(manager: ocp.CheckpointManager, step: int, template, mesh: Mesh):
+    """Restores checkpoint ``step`` onto ``mesh``, replicated.
 
     Args:
       manager: the checkpoint manager.
-      template: a state (or abstract state) with the expected structure.
+      step: a step listed by ``manager.all_steps()``.
+      template: a state (or ``jax.eval_shape`` of one) with the expected
+        structure, shapes and dtypes.
       mesh: the current mesh; the checkpoint may come from another device
-        count.
+        count or another number of processes.
 
     Returns:
-      (step, state, data_state) or None when there is no checkpoint.
+      (state, data_state); data_state is None if none was saved.
+    """
+    items = {"state": ocp.args.StandardRestore(abstract_like(template, mesh))}
+    if os.path.isdir(os.path.join(manager.directory, str(step), "data")):
+        items["data"] = ocp.args.JsonRestore()
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    data_state = restored["data"] if "data" in restored else None
+    return restored["state"], data_state
+
+
+def restore_latest(manager: ocp.CheckpointManager, template, mesh: Mesh):
+    """Restores the latest complete checkpoint onto ``mesh``.
+
+    A checkpoint whose writing was interrupted is never complete, so it is
+    skipped (and its temporary folder removed by the manager).
+
+    Returns:
+      (step, state, data_state), or None when there is no checkpoint.
     """
     step = manager.latest_step()
     if step is None:
         return None
-    items = {"state": ocp.args.StandardRestore(abstract_like(template, mesh))}
-    if "data" in manager.item_metadata(step):
-        items["data"] = ocp.args.JsonRestore()
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
-    data_state = restored["data"] if "data" in restored else None
-    return step, restored["state"], data_state
+    state, data_state = restore(manager, step, template, mesh)
+    return step, state, data_state

@@ -72,6 +72,43 @@ def shard_batch(local_batch, mesh: Mesh):
     )
 
 
+def to_host(tree):
+    """Copies a pytree of arrays to host numpy arrays, in any process.
+
+    A fully replicated ``jax.Array`` that spans several processes cannot be
+    fetched whole with ``jax.device_get``; every process holds a full copy,
+    so this reads the local one.
+
+    Raises:
+      ValueError: for an array split over devices of other processes.
+    """
+
+    def fetch(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        raise ValueError(
+            f"cannot read an array of shape {x.shape} sharded as {x.sharding} "
+            "on one process; replicate it first"
+        )
+
+    return jax.tree.map(fetch, tree)
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if ``flag`` is True on at least one of them.
+
+    A collective: every process must call it at the same point.
+    """
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.asarray(flag, np.int32))
+    return bool(np.any(flags))
+
+
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from stochinterp import checkpointing, couplings, interpolants, losses, sharding
 from stochinterp import data as data_lib
@@ -54,16 +55,37 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
     return size, size, 1 if config.data.name == "digits" else 3
 
 
-def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
-    """Checks values that would otherwise fail late; raises before any work."""
+def validate_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """Checks every value the loop reads; raises ValueError before any work.
+
+    Covers the global batch against the devices of ``mesh``, the step and
+    checkpoint counts, the EMA, the time budget, the compute dtype and the
+    coupling against the image shape. The optimizer and the network check
+    their own fields when ``setup`` builds them; ``train`` also checks that
+    the dataset can be served (``data.validate``).
+    """
     tc = config.train
     sharding.check_global_batch(tc.global_batch, mesh)
     interpolants.check_time_range(tc.t_min, tc.t_max)
-    for name in ("num_steps", "log_every", "checkpoint_every", "loss_time_bins"):
-        if tc[name] < 1:
-            raise ValueError(f"train.{name} must be >= 1, got {tc[name]}")
+    for name in (
+        "num_steps",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "loss_time_bins",
+    ):
+        value = tc[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"train.{name} must be an integer >= 1, got {value!r}")
     if not 0.0 <= tc.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay must lie in [0, 1), got {tc.ema_decay}")
+    if tc.max_seconds < 0:
+        raise ValueError(
+            f"train.max_seconds must be >= 0 (0: no limit), got {tc.max_seconds}"
+        )
+    for name in ("ema_warmup", "async_checkpoint", "denoiser"):
+        if not isinstance(tc[name], bool):
+            raise ValueError(f"train.{name} must be True or False, got {tc[name]!r}")
     if config.model.dtype not in ("float32", "bfloat16"):
         raise ValueError(
             f"model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}"
@@ -76,7 +98,7 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     try:
         os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
         os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        probe = os.path.join(workdir, f".write_test.{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -133,21 +155,43 @@ def setup(config: ml_collections.ConfigDict, mesh):
 
 
 def init_state(config, model, optimizer, coupling, mesh) -> ts.TrainState:
-    """Initialises parameters and optimizer state, replicated on the mesh."""
+    """Initialises parameters and optimizer state, replicated on the mesh.
+
+    Every process computes the same state from ``config.seed``.
+    """
     shape = image_shape(config)
-    key = jax.random.key(config.seed)
-    key_init, key_train, key_couple = jax.random.split(key, 3)
-    x1 = jnp.zeros((1, *shape), jnp.float32)
-    labels = jnp.zeros((1,), jnp.int32) if config.coupling.num_classes else None
-    sample = coupling(key_couple, x1, labels)
 
     def init():
+        key = jax.random.key(config.seed)
+        key_init, key_train, key_couple = jax.random.split(key, 3)
+        x1 = jnp.zeros((1, *shape), jnp.float32)
+        labels = jnp.zeros((1,), jnp.int32) if config.coupling.num_classes else None
+        sample = coupling(key_couple, x1, labels)
         params = model.init(
             key_init, sample.x0, jnp.zeros((1,)), cond=sample.cond, labels=sample.labels
         )
         return ts.create_train_state(params, optimizer, key_train)
 
     return jax.jit(init, out_shardings=sharding.replicated(mesh))()
+
+
+def make_step_fn(config: ml_collections.ConfigDict, loss_fn, optimizer, mesh: Mesh):
+    """The jitted training step: batch split over ``mesh``, state replicated.
+
+    The gradient is a mean over the global batch; XLA inserts the all-reduce
+    across devices (and processes). The input state is donated.
+    """
+    tc = config.train
+    step = ts.make_train_step(
+        loss_fn,
+        optimizer,
+        tc.ema_decay,
+        tc.ema_warmup,
+        tc.loss_time_bins,
+        (tc.t_min, tc.t_max),
+    )
+    replicated = sharding.replicated(mesh)
+    return jax.jit(step, out_shardings=(replicated, replicated), donate_argnums=0)
 
 
 class _Preemption:
@@ -173,25 +217,57 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _raise_if_bad(state: ts.TrainState) -> None:
-    bad = int(jax.device_get(state.bad_step))
+class _StopRule:
+    """Decides, the same way on every process, when to stop early.
+
+    A stop is asked by SIGTERM or by the ``max_seconds`` budget. With one
+    process it takes effect after the current step. With several, only one
+    may have received the signal and their clocks differ, so they agree by a
+    collective at the next log or checkpoint step.
+    """
+
+    def __init__(self, preemption: _Preemption, max_seconds: float):
+        self.preemption = preemption
+        self.deadline = time.time() + max_seconds if max_seconds > 0 else None
+        self.out_of_time = False
+        self.preempted = False
+
+    def should_stop(self, at_boundary: bool) -> bool:
+        late = self.deadline is not None and time.time() > self.deadline
+        if jax.process_count() > 1:
+            if not at_boundary:
+                return False
+            preempted = sharding.any_process(self.preemption.requested)
+            late = sharding.any_process(late)
+        else:
+            preempted = self.preemption.requested
+        self.preempted, self.out_of_time = preempted, late and not preempted
+        return preempted or late
+
+
+def _raise_if_bad(state: ts.TrainState, manager) -> None:
+    bad = int(sharding.to_host(state.bad_step))
     if bad >= 0:
         raise FloatingPointError(
-            f"non-finite loss or gradient at step {bad}; training stopped. The "
-            "last checkpoint holds finite values: lower optim.learning_rate or "
-            "check the data, then resume."
+            f"non-finite loss or gradient at step {bad + 1} (the update from "
+            f"step {bad}); training stopped. No update was applied from then on "
+            f"and no checkpoint after it was written; the latest checkpoint is "
+            f"step {manager.latest_step()}. Lower optim.learning_rate or check "
+            "the data, then run again to resume from it."
         )
 
 
 class _Logger:
-    """One line per ``every`` steps: step, loss, mse, steps/s, ETA."""
+    """One line per ``every`` steps: step, loss, mse, steps/s, ETA.
+
+    Every process keeps the history; only process 0 logs and writes
+    ``train_log.jsonl``.
+    """
 
     def __init__(self, workdir: str, first_step: int, num_steps: int):
-        self.first_step = first_step
         self.num_steps = num_steps
         self.pending: list = []
         self.history = {"loss": [], "mse": [], "grad_norm": []}
-        self.bins = None
         self.last_time = time.time()
         self.last_step = first_step
         self.path = os.path.join(workdir, "train_log.jsonl")
@@ -199,8 +275,10 @@ class _Logger:
     def add(self, metrics: dict) -> None:
         self.pending.append(metrics)
 
-    def flush(self, step: int) -> dict:
-        host = jax.device_get(self.pending)
+    def flush(self, step: int) -> dict | None:
+        if not self.pending:
+            return None
+        host = sharding.to_host(self.pending)
         self.pending = []
         for name in self.history:
             self.history[name].extend(float(m[name]) for m in host)
@@ -213,6 +291,7 @@ class _Logger:
             "step": step,
             "loss": self.history["loss"][-1],
             "mse": float(np.mean(self.history["mse"][-len(host) :])),
+            "grad_norm": self.history["grad_norm"][-1],
             "steps_per_s": rate,
             "eta_s": (self.num_steps - step) / max(rate, 1e-9),
             "mse_by_time_bin": (sums / np.maximum(counts, 1)).round(4).tolist(),
@@ -239,73 +318,97 @@ def _model_inputs(batch: dict, config) -> dict:
     return {"image": batch["image"]}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> TrainResult:
+def _start_state(config, model, optimizer, coupling, manager, loader, mesh):
+    """The latest checkpoint (and its data position), or a fresh state.
+
+    Returns:
+      (state, step of the state).
+    """
+    if manager.latest_step() is None:
+        return init_state(config, model, optimizer, coupling, mesh), 0
+    template = jax.eval_shape(
+        lambda: init_state(config, model, optimizer, coupling, mesh)
+    )
+    step, state, data_state = checkpointing.restore_latest(manager, template, mesh)
+    if data_state is not None:
+        loader.set_state(data_state)
+    log.info("resumed from the checkpoint at step %d", step)
+    return state, step
+
+
+def train(
+    config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None
+) -> TrainResult:
     """Trains (or resumes) the configured model in ``workdir``.
+
+    Every process runs this function. The config is checked first (a bad
+    value raises before the workdir, the data or the network is touched),
+    then training resumes from the latest complete checkpoint if there is
+    one. Checkpoints are written every ``train.checkpoint_every`` steps, at
+    the end and when stopped early (SIGTERM or ``train.max_seconds``).
 
     Args:
       config: the full config (see ``configs/base.py``).
       workdir: output folder: ``checkpoints/``, ``train_log.jsonl``,
         ``config.json``.
       mesh: the device mesh; default all devices of all processes.
+
+    Raises:
+      ValueError: for a config value out of range (before any work).
+      PermissionError: if ``workdir`` is not writable (before any work).
+      FloatingPointError: when a step gives a non-finite loss or gradient;
+        the message names the step. No later checkpoint is written.
     """
     mesh = sharding.make_mesh() if mesh is None else mesh
     validate_config(config, mesh)
-    prepare_workdir(workdir, config)
-    coupling, _, model, loss_fn, optimizer = setup(config, mesh)
     data_lib.validate(config.data)
-    loader = data_lib.make_loader_from_config(
-        config.data, split="train", global_batch=config.train.global_batch
-    )
-
-    state = init_state(config, model, optimizer, coupling, mesh)
+    coupling, _, model, loss_fn, optimizer = setup(config, mesh)
+    prepare_workdir(workdir, config)
     tc = config.train
+
+    loader = data_lib.make_loader_from_config(
+        config.data, split="train", global_batch=tc.global_batch
+    )
     manager = checkpointing.make_manager(
         os.path.join(workdir, "checkpoints"), tc.keep_checkpoints, tc.async_checkpoint
     )
-    restored = checkpointing.restore_latest(manager, state, mesh)
-    first_step = 0
-    if restored is not None:
-        first_step, state, data_state = restored
-        if data_state is not None:
-            loader.set_state(data_state)
-        log.info("resumed from checkpoint at step %d", first_step)
+    try:
+        state, first_step = _start_state(
+            config, model, optimizer, coupling, manager, loader, mesh
+        )
+        step_fn = make_step_fn(config, loss_fn, optimizer, mesh)
+        logger = _Logger(workdir, first_step, tc.num_steps)
+        step = first_step
+        with _Preemption() as preemption:
+            stop_rule = _StopRule(preemption, tc.max_seconds)
+            while step < tc.num_steps:
+                batch = sharding.shard_batch(_model_inputs(next(loader), config), mesh)
+                state, metrics = step_fn(state, batch)
+                step += 1
+                logger.add(metrics)
 
-    step_fn = jax.jit(
-        ts.make_train_step(
-            loss_fn,
-            optimizer,
-            tc.ema_decay,
-            tc.ema_warmup,
-            tc.loss_time_bins,
-            (tc.t_min, tc.t_max),
-        ),
-        donate_argnums=0,
-    )
-    logger = _Logger(workdir, first_step, tc.num_steps)
-    start = time.time()
-    step, out_of_time = first_step, False
-    with _Preemption() as preemption:
-        while step < tc.num_steps:
-            batch = sharding.shard_batch(_model_inputs(next(loader), config), mesh)
-            state, metrics = step_fn(state, batch)
-            step += 1
-            logger.add(metrics)
-            out_of_time = tc.max_seconds > 0 and time.time() - start > tc.max_seconds
-            stopped = preemption.requested or out_of_time
-            if step % tc.log_every == 0 or step == tc.num_steps or stopped:
-                logger.flush(step)
-                _raise_if_bad(state)
-            if step % tc.checkpoint_every == 0 or step == tc.num_steps or stopped:
-                _raise_if_bad(state)
-                checkpointing.save(manager, step, state, loader.get_state(), force=True)
-            if stopped:
-                break
-    manager.wait_until_finished()
-    manager.close()
-    if out_of_time:
+                save_now = step % tc.checkpoint_every == 0 or step == tc.num_steps
+                log_now = step % tc.log_every == 0
+                stop = stop_rule.should_stop(at_boundary=save_now or log_now)
+                if log_now or save_now or stop:
+                    logger.flush(step)
+                    _raise_if_bad(state, manager)
+                if save_now or stop:
+                    checkpointing.save(
+                        manager, step, state, loader.get_state(), force=True
+                    )
+                if stop:
+                    break
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+
+    if stop_rule.out_of_time:
         log.info(
             "time budget train.max_seconds=%s reached at step %d", tc.max_seconds, step
         )
+    if stop_rule.preempted:
+        log.info("stopped by SIGTERM at step %d; the checkpoint is saved", step)
     return TrainResult(
-        state, logger.history, first_step, preemption.requested, out_of_time
+        state, logger.history, first_step, stop_rule.preempted, stop_rule.out_of_time
     )

@@ -1,0 +1,102 @@
+"""Two processes with one CPU device each train like one process with two.
+
+Both runs use ``launch.train`` / ``stochinterp.train.train`` unchanged: the
+two processes meet through ``jax.distributed.initialize`` on 127.0.0.1
+(process 0 configured by flags, process 1 by ``STOCHINTERP_*`` variables),
+each loads its own half of every global batch, and they write one shared
+workdir.
+"""
+
+import json
+import os
+import subprocess
+
+import _train_helpers as helpers
+import numpy as np
+import pytest
+
+STEPS = 5
+OVERRIDES = {"train.num_steps": STEPS, "train.log_every": 1}
+
+
+@pytest.fixture(scope="module")
+def root(request):
+    return helpers.shared_root(request)
+
+
+@pytest.fixture(scope="module")
+def two_processes(root, tmp_path_factory):
+    """Workdir of a 2-process run of 5 steps (one device per process)."""
+    workdir = str(tmp_path_factory.mktemp("two_processes"))
+    address = f"127.0.0.1:{helpers.free_port()}"
+    command = helpers.launcher_command(workdir, root, "--evaluate=false", **OVERRIDES)
+    flags = [f"--coordinator_address={address}", "--num_processes=2"]
+    first = subprocess.Popen(
+        [*command, *flags, "--process_id=0"],
+        env=helpers.env(root, devices=1),
+        cwd=helpers.REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    second_env = helpers.env(
+        root,
+        devices=1,
+        STOCHINTERP_COORDINATOR=address,
+        STOCHINTERP_NUM_PROCESSES="2",
+        STOCHINTERP_PROCESS_ID="1",
+    )
+    second = subprocess.Popen(
+        command, env=second_env, cwd=helpers.REPO, stderr=subprocess.PIPE, text=True
+    )
+    errors = []
+    for process in (first, second):
+        try:
+            _, stderr = process.communicate(timeout=420)
+        except subprocess.TimeoutExpired:
+            first.kill(), second.kill()
+            raise
+        errors.append(stderr)
+    assert first.returncode == 0, errors[0][-4000:]
+    assert second.returncode == 0, errors[1][-4000:]
+    return workdir, errors
+
+
+@pytest.fixture(scope="module")
+def one_process(root, tmp_path_factory):
+    """Final state arrays of 1 process with 2 devices, same global batch."""
+    workdir = str(tmp_path_factory.mktemp("one_process"))
+    dump = os.path.join(workdir, "final.npz")
+    helpers.run_worker(workdir, root, "--dump", dump, devices=2, **OVERRIDES)
+    return helpers.load_dump(dump)
+
+
+def test_two_processes_end_with_the_parameters_of_one_process(
+    two_processes, one_process, root
+):
+    workdir, _ = two_processes
+    step, arrays = helpers.restore(workdir, root)
+    assert step == STEPS
+    assert sorted(arrays) == sorted(one_process)
+    for name, expected in one_process.items():
+        np.testing.assert_allclose(
+            arrays[name], expected, rtol=1e-5, atol=1e-7, err_msg=name
+        )
+    # The parameters moved (the EMA lags behind them), so the comparison is
+    # not vacuous.
+    params = [k for k in arrays if k.startswith(".params")]
+    ema = [".ema_params" + k[len(".params") :] for k in params]
+    pairs = zip(params, ema, strict=True)
+    gaps = [np.abs(arrays[p] - arrays[e]).max() for p, e in pairs]
+    assert max(gaps) > 1e-4
+
+
+def test_only_process_0_writes_logs_and_metrics(two_processes):
+    workdir, _ = two_processes
+    with open(os.path.join(workdir, "train_log.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == list(range(1, STEPS + 1))
+    with open(os.path.join(workdir, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["devices"] == 2
+    assert metrics["steps_this_run"] == STEPS
+    assert helpers.checkpoint_steps(workdir) == ([STEPS], [])
