@@ -19,7 +19,8 @@ runtime starts from ``STOCHINTERP_*`` variables when they are set; set
   devices instead of training.
 
 Process 0 writes the final (or restored) state to ``--dump`` as an .npz of
-every leaf, keyed by its tree path, and a JSON summary to ``--result``.
+every leaf, keyed by its tree path, and a JSON summary to ``--result``
+(process i > 0 to ``--result`` + ``.i``).
 """
 
 from __future__ import annotations
@@ -218,12 +219,13 @@ def main() -> None:
     first_param = jax.tree.leaves(state.params)[0]
     summary["param_devices"] = len(first_param.sharding.device_set)
     arrays = state_arrays(state)
-    if jax.process_index() == 0:
-        if args.dump:
-            np.savez(args.dump, **arrays)
-        if args.result:
-            with open(args.result, "w") as f:
-                json.dump(summary, f)
+    index = jax.process_index()
+    if args.dump and index == 0:
+        np.savez(args.dump, **arrays)
+    if args.result:
+        path = args.result if index == 0 else f"{args.result}.{index}"
+        with open(path, "w") as f:
+            json.dump(summary, f)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ workdir.
 
 import json
 import os
+import signal
 import subprocess
 
 import _train_helpers as helpers
@@ -100,3 +101,46 @@ def test_only_process_0_writes_logs_and_metrics(two_processes):
     assert metrics["devices"] == 2
     assert metrics["steps_this_run"] == STEPS
     assert helpers.checkpoint_steps(workdir) == ([STEPS], [])
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_checkpoint(root, tmp_path):
+    workdir, result = str(tmp_path), str(tmp_path / "result.json")
+    address = f"127.0.0.1:{helpers.free_port()}"
+    command = helpers.worker_command(
+        workdir,
+        root,
+        "--result",
+        result,
+        **{"train.num_steps": 100_000, "train.log_every": 1},
+    )
+    processes = []
+    for index in range(2):
+        env = helpers.env(
+            root,
+            devices=1,
+            STOCHINTERP_COORDINATOR=address,
+            STOCHINTERP_NUM_PROCESSES="2",
+            STOCHINTERP_PROCESS_ID=str(index),
+        )
+        processes.append(
+            subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+        )
+    log = os.path.join(workdir, "train_log.jsonl")
+    helpers.wait_for_log_line(log, processes[0], 420)
+    processes[1].send_signal(signal.SIGTERM)  # process 0 is not told
+    for process in processes:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-4000:]
+
+    summaries = []
+    for path in (result, result + ".1"):
+        with open(path) as f:
+            summaries.append(json.load(f))
+    reached = summaries[0]["step"]
+    assert summaries[1]["step"] == reached
+    assert all(s["preempted"] for s in summaries)
+    steps, unfinished = helpers.checkpoint_steps(workdir)
+    assert steps[-1] == reached and not unfinished
+    with open(log) as f:
+        assert json.loads(f.readlines()[-1])["step"] == reached

@@ -1,0 +1,352 @@
+"""The training step, EMA, mixed precision, checks at start-up, checkpoints.
+
+In-process tests on toy losses and on the tiny U-Net traced (not compiled);
+the runs that train a network are in ``test_faults.py`` and
+``test_multiprocess.py``.
+"""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import _train_helpers as helpers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from launch import _common
+from stochinterp import checkpointing, losses, sharding, train
+from stochinterp import train_state as ts
+
+
+def tiny_config(tmp_path, **overrides):
+    return helpers.worker.make_config(str(tmp_path / "data"), overrides)
+
+
+def toy_loss(params, key, x1, labels=None):
+    """Per-example |w - x1|^2 with a time per example: a loss with terms."""
+    per_example = jnp.sum(jnp.square(params["w"] - x1), axis=1)
+    t = jax.random.uniform(key, (x1.shape[0],))
+    terms = losses.LossTerms(
+        velocity=per_example,
+        velocity_mse=per_example,
+        denoiser=jnp.zeros_like(per_example),
+        t=t,
+    )
+    return jnp.mean(per_example), terms
+
+
+def toy_state(optimizer, w=(1.0, -2.0, 0.5)):
+    params = {"w": jnp.asarray(w, jnp.float32)}
+    return ts.create_train_state(params, optimizer, jax.random.key(0))
+
+
+# ---------------------------------------------------------------- the step
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_follows_its_recursion_with_and_without_warmup(warmup):
+    decay = 0.8
+    optimizer = optax.sgd(0.1)
+    step = jax.jit(ts.make_train_step(toy_loss, optimizer, decay, warmup, 4))
+    state = toy_state(optimizer)
+    ema = np.asarray(state.ema_params["w"])
+    x1 = jnp.asarray([[0.0, 1.0, 2.0], [2.0, 1.0, 0.0]])
+    for n in range(6):
+        state, _ = step(state, {"image": x1})
+        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        ema = d * ema + (1 - d) * np.asarray(state.params["w"])
+        np.testing.assert_allclose(state.ema_params["w"], ema, rtol=1e-6)
+    assert int(state.step) == 6
+    # With warm-up the first decays are 0.1, 2/11, ...: the EMA tracks early.
+    assert float(ts.ema_decay_at(jnp.asarray(0), decay, True)) == pytest.approx(0.1)
+    assert float(ts.ema_decay_at(jnp.asarray(10**6), decay, True)) == np.float32(decay)
+
+
+def test_a_non_finite_loss_freezes_the_state_and_records_the_step():
+    optimizer = optax.adam(1e-2)
+    step = jax.jit(ts.make_train_step(toy_loss, optimizer, 0.9))
+    state = toy_state(optimizer)
+    good = {"image": jnp.ones((2, 3))}
+    bad = {"image": jnp.full((2, 3), jnp.nan)}
+    state, _ = step(state, good)
+    state, _ = step(state, good)
+    parts = ("params", "ema_params", "opt_state")
+    frozen = {name: jax.tree.map(np.asarray, getattr(state, name)) for name in parts}
+
+    state, metrics = step(state, bad)  # the third update
+    assert np.isnan(metrics["loss"])
+    assert int(state.bad_step) == 2
+    state, _ = step(state, good)  # no update once a step went bad
+
+    assert int(state.step) == 2
+    assert int(state.bad_step) == 2
+    for name in parts:
+        now, before = (
+            jax.tree.leaves(getattr(state, name)),
+            jax.tree.leaves(frozen[name]),
+        )
+        for a, b in zip(now, before, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_the_step_keeps_the_state_replicated_and_the_batch_split(tmp_path):
+    mesh = sharding.make_mesh()
+    config = tiny_config(tmp_path)
+    optimizer = optax.sgd(0.1)
+    step = train.make_step_fn(config, toy_loss, optimizer, mesh)
+    state = jax.device_put(toy_state(optimizer), sharding.replicated(mesh))
+    batch = sharding.shard_batch({"image": np.ones((4, 3), np.float32)}, mesh)
+    assert batch["image"].sharding.spec == sharding.batch_sharding(mesh).spec
+    state, metrics = step(state, batch)
+    for leaf in jax.tree.leaves((state, metrics)):
+        assert leaf.sharding.is_fully_replicated
+        assert len(leaf.sharding.device_set) == 2
+    assert sharding.to_host(metrics["loss"]).shape == ()
+
+
+# ------------------------------------------------------- mixed precision
+
+
+def _walk(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                yield from _walk(inner)
+
+
+def _conv_dtypes(config):
+    """Operand dtypes of every convolution and dense layer in the loss."""
+    mesh = sharding.make_mesh()
+    coupling, _, model, loss_fn, optimizer = train.setup(config, mesh)
+    state = jax.eval_shape(
+        lambda: train.init_state(config, model, optimizer, coupling, mesh)
+    )
+    x1 = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+    jaxpr = jax.make_jaxpr(loss_fn)(state.params, jax.random.key(0), x1).jaxpr
+    names = ("conv_general_dilated", "dot_general")
+    found = [e for e in _walk(jaxpr) if e.primitive.name in names]
+    return {str(v.aval.dtype) for e in found for v in e.invars}, state
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_compute_dtype_applies_while_the_state_stays_float32(tmp_path, dtype):
+    config = tiny_config(tmp_path, **{"model.dtype": dtype})
+    compute, state = _conv_dtypes(config)
+    assert compute == {dtype}
+
+    mesh = sharding.make_mesh()
+    _, _, _, loss_fn, optimizer = train.setup(config, mesh)
+    step = train.make_step_fn(config, loss_fn, optimizer, mesh)
+    batch = {"image": jax.ShapeDtypeStruct((4, 16, 16, 3), jnp.float32)}
+    after, metrics = jax.eval_shape(step, state, batch)
+    for tree in (state, after):
+        for part in (tree.params, tree.ema_params, tree.opt_state):
+            dtypes = {x.dtype for x in jax.tree.leaves(part)}
+            assert dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}
+            assert jnp.dtype(jnp.float32) in dtypes
+    assert metrics["loss"].dtype == jnp.float32
+
+
+# ---------------------------------------------------------------- start-up
+
+
+class _MustNotRun(Exception):
+    pass
+
+
+def _forbid(*_, **__):
+    raise _MustNotRun("work started before the configuration was checked")
+
+
+def test_global_batch_7_on_2_devices_is_refused_before_any_work(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path, **{"train.global_batch": 7})
+    for name in ("make_loader_from_config", "builder", "validate"):
+        monkeypatch.setattr(train.data_lib, name, _forbid)
+    monkeypatch.setattr(train, "init_state", _forbid)
+    monkeypatch.setattr(train, "setup", _forbid)
+    workdir = tmp_path / "wd"
+    with pytest.raises(ValueError, match=r"global batch size 7 .*devices \(2\)"):
+        train.train(config, str(workdir), sharding.make_mesh())
+    assert not workdir.exists()
+
+
+def test_the_launcher_refuses_batch_7_on_2_devices_without_building_data(
+    tmp_path, request
+):
+    root = helpers.shared_root(request)
+    data_dir, workdir = tmp_path / "data", tmp_path / "wd"
+    data_dir.mkdir()
+    command = helpers.launcher_command(
+        str(workdir), root, **{"train.global_batch": 7, "data.data_dir": data_dir}
+    )
+    done = subprocess.run(
+        [*command, "--cpu_devices=2"],
+        env=helpers.env(root, devices=2),
+        cwd=helpers.REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert "global batch size 7" in done.stderr
+    assert "number of devices (2)" in done.stderr
+    assert os.listdir(data_dir) == []
+    assert not (workdir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("train.num_steps", 0, "train.num_steps must be an integer >= 1, got 0"),
+        ("train.checkpoint_every", 0, "train.checkpoint_every"),
+        ("train.keep_checkpoints", 0, "train.keep_checkpoints"),
+        ("train.log_every", -3, "train.log_every must be an integer >= 1, got -3"),
+        ("train.ema_decay", 1.0, r"train.ema_decay must lie in \[0, 1\), got 1.0"),
+        ("train.max_seconds", -1.0, "train.max_seconds must be >= 0"),
+        ("train.t_max", 1.5, "t_max"),
+        ("model.dtype", "float16", "model.dtype must be 'float32' or 'bfloat16'"),
+        ("optim.learning_rate", 0.0, "optim.learning_rate must be > 0"),
+        ("optim.decay_rate", 1.5, "optim.decay_rate must lie in"),
+        ("data.name", "cifar", "data.name='cifar' is unknown"),
+    ],
+)
+def test_out_of_range_values_are_refused_before_the_workdir_is_made(
+    tmp_path, monkeypatch, key, value, message
+):
+    config = tiny_config(tmp_path, **{key: value})
+    monkeypatch.setattr(train.data_lib, "make_loader_from_config", _forbid)
+    monkeypatch.setattr(train, "init_state", _forbid)
+    workdir = tmp_path / "wd"
+    with pytest.raises(ValueError, match=message):
+        train.train(config, str(workdir), sharding.make_mesh())
+    assert not workdir.exists()
+
+
+def test_an_unwritable_workdir_is_refused_before_data_or_model(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    workdir = str(blocker / "wd")
+    monkeypatch.setattr(train.data_lib, "make_loader_from_config", _forbid)
+    monkeypatch.setattr(train, "init_state", _forbid)
+    with pytest.raises(PermissionError, match="not writable"):
+        train.train(tiny_config(tmp_path), workdir, sharding.make_mesh())
+    with pytest.raises(SystemExit, match="not writable"):
+        _common.check_workdir(workdir)
+
+
+def _xla_flags_after_start(args, xla_flags):
+    code = (
+        "import os, sys; from launch import _common; "
+        "_common.FLAGS(sys.argv); _common.set_cpu_devices(); "
+        "print(os.environ['XLA_FLAGS'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if xla_flags is not None:
+        env["XLA_FLAGS"] = xla_flags
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env=env,
+        cwd=helpers.REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.split()
+
+
+def test_launcher_cpu_devices_default_to_one_per_core_and_the_flag_wins():
+    count = "--xla_force_host_platform_device_count"
+    assert _xla_flags_after_start([], None) == [f"{count}={os.cpu_count()}"]
+    assert _xla_flags_after_start([], f"{count}=5") == [f"{count}=5"]
+    assert _xla_flags_after_start(["--cpu_devices=3"], f"--foo {count}=5") == [
+        "--foo",
+        f"{count}=3",
+    ]
+
+
+def test_distributed_start_needs_a_coordinator_and_a_valid_id(monkeypatch):
+    monkeypatch.setenv("STOCHINTERP_NUM_PROCESSES", "2")
+    with pytest.raises(ValueError, match="coordinator address"):
+        sharding.initialize_distributed()
+    with pytest.raises(ValueError, match=r"process_id=2 must lie in \[0, 1\]"):
+        sharding.initialize_distributed("127.0.0.1:1", 2, 2)
+    monkeypatch.setenv("STOCHINTERP_NUM_PROCESSES", "1")
+    assert sharding.initialize_distributed() is False
+
+
+# ------------------------------------------------------------- checkpoints
+
+
+def test_a_state_with_a_nan_is_never_saved(tmp_path):
+    optimizer = optax.adam(1e-3)
+    state = toy_state(optimizer)
+    state = state.replace(ema_params={"w": jnp.asarray([0.0, jnp.nan, 1.0])})
+    manager = checkpointing.make_manager(str(tmp_path / "ckpt"), 3, async_save=True)
+    with pytest.raises(FloatingPointError, match=r"\.ema_params\['w'\]"):
+        checkpointing.save(manager, 1, state, {"next_index": 1})
+    manager.wait_until_finished()
+    assert manager.all_steps() == []
+    assert os.listdir(tmp_path / "ckpt") == []
+    manager.close()
+
+
+def test_state_and_data_position_round_trip(tmp_path):
+    mesh = sharding.make_mesh()
+    optimizer = optax.adam(1e-3)
+    state = jax.device_put(toy_state(optimizer), sharding.replicated(mesh))
+    state = state.replace(step=jnp.asarray(7, jnp.int32))
+    manager = checkpointing.make_manager(str(tmp_path / "ckpt"), 2, async_save=True)
+    for step in (3, 5, 7):
+        checkpointing.save(manager, step, state, {"next_index": step})
+    manager.wait_until_finished()
+    assert manager.all_steps() == [5, 7]  # keeps the last 2
+
+    template = jax.eval_shape(lambda: state)
+    step, restored, data = checkpointing.restore_latest(manager, template, mesh)
+    manager.close()
+    assert (step, data) == (7, {"next_index": 7})
+    assert jax.random.key_data(restored.key).tolist() == (
+        jax.random.key_data(state.key).tolist()
+    )
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        if jnp.issubdtype(a.dtype, jnp.number):
+            np.testing.assert_array_equal(a, b)
+    assert restored.params["w"].sharding.is_fully_replicated
+
+
+# ----------------------------------------------------------------- logging
+
+
+def test_logger_writes_one_line_per_flush_with_rate_and_eta(tmp_path, caplog):
+    logger = train._Logger(str(tmp_path), first_step=10, num_steps=20)
+    for loss in (3.0, 1.0):
+        logger.add(
+            {
+                "loss": np.float32(loss),
+                "mse": np.float32(2 * loss),
+                "grad_norm": np.float32(1.0),
+                "mse_bin_sums": np.asarray([loss, 0.0]),
+                "mse_bin_counts": np.asarray([1, 0]),
+            }
+        )
+    with caplog.at_level(logging.INFO, logger="stochinterp.train"):
+        record = logger.flush(12)
+    assert record["step"] == 12
+    assert record["loss"] == 1.0
+    assert record["mse"] == 4.0  # mean over the two steps
+    assert record["mse_by_time_bin"] == [2.0, 0.0]
+    assert record["eta_s"] == pytest.approx(8 / record["steps_per_s"])
+    assert logger.history["loss"] == [3.0, 1.0]
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith("step 12/20  loss 1.0000  mse 4.0000")
+    assert "steps/s" in line and "ETA" in line
+    with open(tmp_path / "train_log.jsonl") as f:
+        assert [json.loads(x)["step"] for x in f] == [12]
+    assert logger.flush(13) is None  # nothing pending: nothing written
