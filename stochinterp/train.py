@@ -2,8 +2,25 @@
 
 Reads like the algorithm: draw a batch, draw the coupling and a time per
 example, regress the velocity, update Adam and the EMA; log every k steps,
-checkpoint every k steps and at the end. Resumes automatically from the
-latest complete checkpoint in the workdir; SIGTERM saves and exits cleanly.
+checkpoint every k steps and at the end.
+
+One code path serves one device, many local devices and many processes
+(``jax.distributed``): the step is ``jax.jit`` over a one-axis mesh, the
+batch split over it and the state replicated; each process loads its own
+part of every global batch. Only process 0 writes logs and the config.
+
+Faults:
+
+* The run resumes from the latest complete checkpoint in the workdir: step,
+  parameters, EMA, optimizer state (so the learning-rate schedule goes on),
+  PRNG key and the data iterator position. On the same device layout the
+  resumed run is bit-identical to an uninterrupted one.
+* SIGTERM (or the ``train.max_seconds`` budget) saves a checkpoint and
+  returns with ``TrainResult.preempted`` (``out_of_time``). With several
+  processes they agree to stop at the next log or checkpoint step.
+* A non-finite loss or gradient freezes the state inside the step; the host
+  sees it at the next log or checkpoint step and raises FloatingPointError
+  naming the step. No checkpoint with a non-finite value is ever written.
 """
 
 from __future__ import annotations
@@ -336,6 +353,43 @@ def _start_state(config, model, optimizer, coupling, manager, loader, mesh):
     return state, step
 
 
+@dataclasses.dataclass
+class _Loop:
+    """What the steps need besides the state: data, step, saving, logging."""
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    loader: object
+    step_fn: object
+    manager: object
+    logger: _Logger
+    stop_rule: _StopRule
+
+    def run(self, state: ts.TrainState, step: int) -> tuple[ts.TrainState, int]:
+        """Steps until ``train.num_steps`` or an early stop; returns (state, step)."""
+        tc = self.config.train
+        while step < tc.num_steps:
+            batch = _model_inputs(next(self.loader), self.config)
+            state, metrics = self.step_fn(state, sharding.shard_batch(batch, self.mesh))
+            step += 1
+            self.logger.add(metrics)
+
+            save_now = step % tc.checkpoint_every == 0 or step == tc.num_steps
+            log_now = step % tc.log_every == 0
+            stop = step < tc.num_steps and self.stop_rule.should_stop(
+                save_now or log_now
+            )
+            if log_now or save_now or stop:
+                self.logger.flush(step)
+                _raise_if_bad(state, self.manager)
+            if save_now or stop:
+                data_state = self.loader.get_state()
+                checkpointing.save(self.manager, step, state, data_state, force=True)
+            if stop:
+                break
+        return state, step
+
+
 def train(
     config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None
 ) -> TrainResult:
@@ -376,29 +430,19 @@ def train(
         state, first_step = _start_state(
             config, model, optimizer, coupling, manager, loader, mesh
         )
-        step_fn = make_step_fn(config, loss_fn, optimizer, mesh)
         logger = _Logger(workdir, first_step, tc.num_steps)
-        step = first_step
         with _Preemption() as preemption:
             stop_rule = _StopRule(preemption, tc.max_seconds)
-            while step < tc.num_steps:
-                batch = sharding.shard_batch(_model_inputs(next(loader), config), mesh)
-                state, metrics = step_fn(state, batch)
-                step += 1
-                logger.add(metrics)
-
-                save_now = step % tc.checkpoint_every == 0 or step == tc.num_steps
-                log_now = step % tc.log_every == 0
-                stop = stop_rule.should_stop(at_boundary=save_now or log_now)
-                if log_now or save_now or stop:
-                    logger.flush(step)
-                    _raise_if_bad(state, manager)
-                if save_now or stop:
-                    checkpointing.save(
-                        manager, step, state, loader.get_state(), force=True
-                    )
-                if stop:
-                    break
+            loop = _Loop(
+                config,
+                mesh,
+                loader,
+                make_step_fn(config, loss_fn, optimizer, mesh),
+                manager,
+                logger,
+                stop_rule,
+            )
+            state, step = loop.run(state, first_step)
     finally:
         manager.wait_until_finished()
         manager.close()

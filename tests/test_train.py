@@ -8,8 +8,10 @@ the runs that train a network are in ``test_faults.py`` and
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import _train_helpers as helpers
 import jax
@@ -350,3 +352,25 @@ def test_logger_writes_one_line_per_flush_with_rate_and_eta(tmp_path, caplog):
     with open(tmp_path / "train_log.jsonl") as f:
         assert [json.loads(x)["step"] for x in f] == [12]
     assert logger.flush(13) is None  # nothing pending: nothing written
+
+
+# ------------------------------------------------------------- early stops
+
+
+def test_sigterm_sets_the_flag_and_the_old_handler_comes_back():
+    before = signal.getsignal(signal.SIGTERM)
+    with train._Preemption() as preemption:
+        assert not train._StopRule(preemption, 0.0).should_stop(True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        rule = train._StopRule(preemption, 0.0)
+        assert rule.should_stop(False)
+        assert rule.preempted and not rule.out_of_time
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_the_time_budget_stops_after_it_is_spent():
+    rule = train._StopRule(train._Preemption(), max_seconds=0.05)
+    assert not rule.should_stop(True)
+    time.sleep(0.1)
+    assert rule.should_stop(False)
+    assert rule.out_of_time and not rule.preempted
