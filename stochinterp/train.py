@@ -427,11 +427,11 @@ def train(
         os.path.join(workdir, "checkpoints"), tc.keep_checkpoints, tc.async_checkpoint
     )
     try:
-        state, first_step = _start_state(
-            config, model, optimizer, coupling, manager, loader, mesh
-        )
-        logger = _Logger(workdir, first_step, tc.num_steps)
-        with _Preemption() as preemption:
+        with _Preemption() as preemption:  # from here SIGTERM stops cleanly
+            state, first_step = _start_state(
+                config, model, optimizer, coupling, manager, loader, mesh
+            )
+            logger = _Logger(workdir, first_step, tc.num_steps)
             stop_rule = _StopRule(preemption, tc.max_seconds)
             loop = _Loop(
                 config,
