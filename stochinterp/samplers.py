@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.struct
 import jax
@@ -453,29 +454,37 @@ def _euler_maruyama(field, score, x0, settings, key, free):
     return x1, _fixed_info(settings, 2 * n - 1, n - 1)
 
 
-# Dormand-Prince 5(4): nodes, stage matrix (row s gives stage s + 1 from the
-# earlier stages), 5th-order weights (equal to the last row, hence FSAL) and
-# the difference between the 5th- and 4th-order weights (error estimate).
-_DP_C = np.array([0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0])
-_DP_A = np.zeros((7, 7))
+# Dormand-Prince 5(4). Row s of _DP_A gives the point of stage s from the
+# earlier stages, _DP_C its time node; the 5th-order weights equal the last
+# row (first same as last); _DP_E is the 5th- minus the 4th-order weights.
+# Row _PROBE (appended) is the one extra call of the automatic first step,
+# at (t0 + h0, x0 + h0 k0).
+_PROBE = 7
+_DP_C = np.array([0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0, 1.0])
+_DP_A = np.zeros((8, 7))
 _DP_A[1, :1] = [1 / 5]
 _DP_A[2, :2] = [3 / 40, 9 / 40]
 _DP_A[3, :3] = [44 / 45, -56 / 15, 32 / 9]
 _DP_A[4, :4] = [19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729]
 _DP_A[5, :5] = [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656]
 _DP_A[6, :6] = [35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84]
-_DP_B = _DP_A[6]
+_DP_A[_PROBE, 0] = 1.0
 _DP_E = np.array(
-    [
-        71 / 57600,
-        0.0,
-        -71 / 16695,
-        71 / 1920,
-        -17253 / 339200,
-        22 / 525,
-        -1 / 40,
-    ]
+    [71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40]
 )
+# What follows a call of each row: 0 start, 1 probe, 2 next stage, 3 finish.
+_DP_BRANCH = np.array([0, 2, 2, 2, 2, 2, 3, 1])
+
+
+class _Dopri5State(NamedTuple):
+    t: jax.Array  # [] float32 time of the last accepted step
+    x: jax.Array  # [batch, ...] state at t
+    h: jax.Array  # [] float32 step size of the current attempt
+    stages: jax.Array  # [7, batch, ...] field values of the current attempt
+    row: jax.Array  # [] int32 which row of _DP_A the next call evaluates
+    accepted: jax.Array  # [] int32
+    rejected: jax.Array  # [] int32
+    calls: jax.Array  # [] int32 model calls made
 
 
 def _rms(x: jax.Array) -> jax.Array:
@@ -487,85 +496,119 @@ def _combine(weights: jax.Array, stages: jax.Array) -> jax.Array:
     return jnp.tensordot(weights.astype(stages.dtype), stages, axes=1)
 
 
-def _initial_step(field, t0, x0, k0, settings):
-    """Hairer's starting step: one model call at t0 + h0."""
+def _dopri5(field, x0, settings):
+    """Dormand-Prince 5(4) as one loop over model calls.
+
+    Every iteration makes exactly one call, at row ``state.row`` of the
+    tableau, then starts the step size (row 0 and the probe), moves to the next
+    stage, or finishes the step (row 6): error estimate, accept or reject,
+    new step size. The field is traced once.
+    """
+    t1 = jnp.float32(settings.t_max)
+    a, c = jnp.asarray(_DP_A, jnp.float32), jnp.asarray(_DP_C, jnp.float32)
+    branch = jnp.asarray(_DP_BRANCH)
+
+    def last(state):
+        # The attempt reaches t_max: its step is clipped to t_max - t.
+        return state.h >= t1 - state.t
+
+    def start(state, h, y, k):
+        if settings.first_step is not None:
+            return state._replace(h=jnp.float32(settings.first_step), row=1)
+        return state._replace(h=_first_step_guess(state.x, k, settings), row=_PROBE)
+
+    def probe(state, h, y, k):
+        h = _first_step(state.x, state.stages[0], k, h, settings)
+        return state._replace(h=h, row=1)
+
+    def next_stage(state, h, y, k):
+        return state._replace(row=state.row + 1)
+
+    def finish(state, h, y, k):
+        error = h * _combine(jnp.asarray(_DP_E, jnp.float32), state.stages)
+        scale = settings.atol + settings.rtol * jnp.maximum(
+            jnp.abs(state.x), jnp.abs(y)
+        )
+        ok, factor = _controller(_rms(error / scale), settings)
+        k0 = jnp.where(ok, k, state.stages[0])
+        return state._replace(
+            t=jnp.where(ok, jnp.where(last(state), t1, state.t + h), state.t),
+            x=jnp.where(ok, y, state.x),
+            h=(h * factor).astype(jnp.float32),
+            stages=state.stages.at[0].set(k0),
+            row=jnp.int32(1),
+            accepted=state.accepted + ok.astype(jnp.int32),
+            rejected=state.rejected + (~ok).astype(jnp.int32),
+        )
+
+    def call(state):
+        row = state.row
+        h = jnp.where(row == _PROBE, state.h, jnp.minimum(state.h, t1 - state.t))
+        t = jnp.where((row == 6) & last(state), t1, state.t + c[row] * h)
+        y = state.x + h * _combine(a[row], state.stages)
+        k = field(t, y)
+        slot = jnp.where(row == _PROBE, 1, row)
+        state = state._replace(
+            stages=state.stages.at[slot].set(k), calls=state.calls + 1
+        )
+        return jax.lax.switch(
+            branch[row], [start, probe, next_stage, finish], state, h, y, k
+        )
+
+    def running(state):
+        attempts = state.accepted + state.rejected
+        return (state.t < t1) & (attempts < settings.max_steps)
+
+    zero = jnp.int32(0)
+    state = _Dopri5State(
+        t=jnp.float32(settings.t_min),
+        x=x0,
+        h=jnp.float32(0.0),
+        stages=jnp.zeros((7,) + x0.shape, x0.dtype),
+        row=zero,
+        accepted=zero,
+        rejected=zero,
+        calls=zero,
+    )
+    state = jax.lax.while_loop(running, call, state)
+    return state.x, _info(
+        state.calls, 0, state.t, state.accepted, state.rejected, state.t >= t1
+    )
+
+
+def _controller(err: jax.Array, settings) -> tuple[jax.Array, jax.Array]:
+    """Accept when err <= 1; the step factor safety * err^(-1/5), clipped.
+
+    After a rejection the step may not grow; a NaN error rejects and shrinks.
+    """
+    ok = err <= 1.0
+    factor = jnp.where(err > 0, settings.safety * err**-0.2, settings.max_factor)
+    factor = jnp.clip(
+        jnp.nan_to_num(factor, nan=settings.min_factor),
+        settings.min_factor,
+        jnp.where(ok, settings.max_factor, 1.0),
+    )
+    return ok, factor
+
+
+def _first_step_guess(x0, k0, settings) -> jax.Array:
+    """Hairer's h0 = 0.01 |x0| / |k0| (scaled norms), at most t_max - t_min."""
     scale = settings.atol + settings.rtol * jnp.abs(x0)
     d0, d1 = _rms(x0 / scale), _rms(k0 / scale)
-    span = jnp.float32(settings.t_max - settings.t_min)
     h0 = jnp.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
-    h0 = jnp.minimum(h0, span).astype(jnp.float32)
-    k1 = field(t0 + h0, x0 + h0 * k0)
-    d2 = _rms((k1 - k0) / scale) / h0
+    return jnp.minimum(h0, settings.t_max - settings.t_min).astype(jnp.float32)
+
+
+def _first_step(x0, k0, k_probe, h0, settings) -> jax.Array:
+    """Hairer's first step from the probe k_probe = f(t0 + h0, x0 + h0 k0)."""
+    scale = settings.atol + settings.rtol * jnp.abs(x0)
+    d1 = _rms(k0 / scale)
+    d2 = _rms((k_probe - k0) / scale) / h0
     biggest = jnp.maximum(d1, d2)
     h1 = jnp.where(
         biggest <= 1e-15,
         jnp.maximum(1e-6, h0 * 1e-3),
         (0.01 / jnp.maximum(biggest, 1e-15)) ** 0.2,
     )
-    return jnp.minimum(jnp.minimum(100.0 * h0, h1), span).astype(jnp.float32)
-
-
-def _dopri5_attempt(field, t, x, k0, h, t_end):
-    """One Dormand-Prince step from (t, x) with k0 = f(t, x); six model calls.
-
-    Returns the 5th-order solution, its field value (the next k0) and the
-    local error estimate.
-    """
-    a, c = jnp.asarray(_DP_A, jnp.float32), jnp.asarray(_DP_C, jnp.float32)
-    stages = jnp.zeros((7,) + x.shape, x.dtype).at[0].set(k0)
-
-    def stage(s, stages):
-        y = x + h * _combine(a[s], stages)
-        t_s = jnp.where(s == 6, t_end, t + c[s] * h)
-        return stages.at[s].set(field(t_s, y))
-
-    stages = jax.lax.fori_loop(1, 7, stage, stages)
-    x_new = x + h * _combine(jnp.asarray(_DP_B, jnp.float32), stages)
-    error = h * _combine(jnp.asarray(_DP_E, jnp.float32), stages)
-    return x_new, stages[6], error
-
-
-def _dopri5(field, x0, settings):
-    t0 = jnp.float32(settings.t_min)
-    t1 = jnp.float32(settings.t_max)
-    k0 = field(t0, x0)
-    if settings.first_step is None:
-        h = _initial_step(field, t0, x0, k0, settings)
-        nfe_start = 2
-    else:
-        h = jnp.float32(settings.first_step)
-        nfe_start = 1
-
-    def running(state):
-        t, _, _, _, accepted, rejected = state
-        return (t < t1) & (accepted + rejected < settings.max_steps)
-
-    def attempt(state):
-        t, x, k0, h, accepted, rejected = state
-        last = t + h >= t1
-        h = jnp.where(last, t1 - t, h)
-        t_end = jnp.where(last, t1, t + h)
-        x_new, k_new, error = _dopri5_attempt(field, t, x, k0, h, t_end)
-        scale = settings.atol + settings.rtol * jnp.maximum(jnp.abs(x), jnp.abs(x_new))
-        err = _rms(error / scale)
-        ok = err <= 1.0
-        factor = jnp.where(err > 0, settings.safety * err**-0.2, settings.max_factor)
-        factor = jnp.clip(
-            jnp.nan_to_num(factor, nan=settings.min_factor),
-            settings.min_factor,
-            jnp.where(ok, settings.max_factor, 1.0),
-        )
-        return (
-            jnp.where(ok, t_end, t),
-            jnp.where(ok, x_new, x),
-            jnp.where(ok, k_new, k0),
-            (h * factor).astype(jnp.float32),
-            accepted + ok.astype(jnp.int32),
-            rejected + (~ok).astype(jnp.int32),
-        )
-
-    zero = jnp.int32(0)
-    state = (t0, x0, k0, h, zero, zero)
-    t, x1, _, _, accepted, rejected = jax.lax.while_loop(running, attempt, state)
-    nfe = nfe_start + 6 * (accepted + rejected)
-    return x1, _info(nfe, 0, t, accepted, rejected, t >= t1)
+    h = jnp.minimum(jnp.minimum(100.0 * h0, h1), settings.t_max - settings.t_min)
+    return h.astype(jnp.float32)
