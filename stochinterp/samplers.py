@@ -17,9 +17,14 @@ One entry point, :func:`integrate`, runs one of four integrators on a field
   ``first_step`` is given) + 6 per attempted step. The last stage of each
   step is evaluated at its end time, so t_max itself is evaluated.
 - ``'euler_maruyama'``: ``dX = [b + eps(t) score] dt + sqrt(2 eps(t)) dW`` on
-  the Euler grid; the last step is a plain Euler step of the ODE (no noise, no
-  score). Model calls: N velocity calls + (N - 1) score calls (none when
-  ``eps_scale == 0``). The score is never evaluated at t_max.
+  the Euler grid; the last step is a plain Euler step of the ODE (no noise,
+  no score term). Field calls: N velocity + N score calls (no score calls
+  when ``eps_scale == 0``), all at t_0 .. t_{N-1}: the score is never
+  evaluated at t_max. The last step's score call is made and discarded, so
+  that no branch separates it from the velocity call at the same (t, x): XLA
+  then merges a score built from the same network (``score_from_velocity``,
+  or a denoiser head of the velocity network) with the velocity call, and the
+  network runs N times, not 2N.
 
 The diffusion coefficient ``eps(t)`` (``eps_schedule``, scaled by
 ``eps_scale = s``): ``'constant'``: s; ``'decay'``: s (1 - t), vanishing at
@@ -28,12 +33,15 @@ t = 1 where the score of a gamma = 0 coupling is singular; ``'bump'``:
 
 ``nfe`` counts calls of the fields passed in: one call of ``velocity`` or of
 ``score`` counts one. A score built by ``fields.score_from_velocity`` calls
-the velocity once inside, so a counter on the velocity sees ``nfe`` calls. A
+the velocity once inside, so a counter on the velocity sees ``nfe`` calls
+(the compiled program may run the network fewer times, see above). A
 classifier-free-guided field (``fields.guided``) counts one per call: it makes
 one network call on a batch of twice the size.
 
-Every sampler traces the field once (the loops run over model calls), so the
-compiled program holds one copy of the network.
+Every sampler traces each field once: the loops run over model calls (Heun's
+predictor and corrector, and the Dopri5 stages and first-step probe, share one
+call site), so the compiled program holds one copy of the network and
+compiles about as fast as the network alone.
 
 Example:
 
@@ -429,7 +437,13 @@ def _heun(field, x0, settings):
 
 
 def _euler_maruyama(field, score, x0, settings, key, free):
-    """Euler-Maruyama; the last step is an Euler step of the ODE."""
+    """Euler-Maruyama; the last step is an Euler step of the ODE.
+
+    The score is evaluated on every step, at the same (t, x) as the velocity,
+    and its term dropped on the last step: with no branch around it, XLA
+    merges a score built from the same network call (``score_from_velocity``,
+    or a denoiser head of the velocity network) with the velocity call.
+    """
     times, steps = map(jnp.asarray, time_grid(settings))
     n = settings.num_steps
     if not settings.needs_score:
@@ -437,21 +451,19 @@ def _euler_maruyama(field, score, x0, settings, key, free):
         return x1, _fixed_info(settings, n)
     eps = eps_schedule(settings.eps_schedule, settings.eps_scale)
 
-    def stochastic_part(i, x):
-        t, h = times[i], steps[i]
-        noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-        part = (eps(t) * h) * score(t, x) + jnp.sqrt(2.0 * eps(t) * h) * noise
-        return part if free is None else part * free
-
     def step(i, x):
-        drift = steps[i] * field(times[i], x)
-        extra = jax.lax.cond(
-            i < n - 1, stochastic_part, lambda i, x: jnp.zeros_like(x), i, x
-        )
-        return x + drift + extra
+        t, h = times[i], steps[i]
+        b, s = field(t, x), score(t, x)
+        noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+        e = eps(t)
+        stochastic = (e * h) * s + jnp.sqrt(2.0 * e * h) * noise
+        stochastic = jnp.where(i < n - 1, stochastic, 0.0)
+        if free is not None:
+            stochastic = stochastic * free
+        return x + h * b + stochastic
 
     x1 = jax.lax.fori_loop(0, n, step, x0)
-    return x1, _fixed_info(settings, 2 * n - 1, n - 1)
+    return x1, _fixed_info(settings, 2 * n, n)
 
 
 # Dormand-Prince 5(4). Row s of _DP_A gives the point of stage s from the

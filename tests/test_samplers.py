@@ -235,8 +235,8 @@ def test_fixed_step_calls_counted_exactly(method, num_steps):
 
     (_, info), log = _run_counted(run)
     expected = {"euler": num_steps, "heun": 2 * num_steps - 1}
-    assert int(info.nfe) == len(log) == expected.get(method, 2 * num_steps - 1)
-    assert int(info.nfe_score) == (num_steps - 1 if method == "euler_maruyama" else 0)
+    assert int(info.nfe) == len(log) == expected.get(method, 2 * num_steps)
+    assert int(info.nfe_score) == (num_steps if method == "euler_maruyama" else 0)
     assert int(info.accepted_steps) == num_steps and int(info.rejected_steps) == 0
     # The grid t_i = t_min + i (t_max - t_min) / N; t_max is never evaluated.
     times, _ = samplers.time_grid(settings)
@@ -254,8 +254,8 @@ def test_euler_maruyama_counts_velocity_and_score_separately():
     )
     jax.block_until_ready(info)
     jax.effects_barrier()
-    assert len(velocity_log) == 5 and len(score_log) == int(info.nfe_score) == 4
-    assert int(info.nfe) == 9
+    assert len(velocity_log) == 5 and len(score_log) == int(info.nfe_score) == 5
+    assert int(info.nfe) == 10
     assert max(score_log) < settings.t_max  # never the score at t_max
 
 
