@@ -52,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.learned_sinusoidal_dim = 32  # sin + cos features
     config.model.attn_heads = 4
     config.model.attn_dim_head = 32
+    config.model.linear_attention = True  # at every level, as in the paper
     config.model.dtype = "float32"  # 'bfloat16': bf16 compute, fp32 parameters
 
     # Adam with a staircase decay and global-norm clipping.

@@ -142,6 +142,7 @@ def build_model(config: ml_collections.ConfigDict, image_channels: int) -> UNet:
         learned_sinusoidal_dim=mc.learned_sinusoidal_dim,
         attn_heads=mc.attn_heads,
         attn_dim_head=mc.attn_dim_head,
+        linear_attention=mc.linear_attention,
         num_classes=cc.num_classes or None,
         class_null=bool(cc.num_classes) and cc.p_uncond > 0,
         class_channel=cc.class_channel,

@@ -46,6 +46,12 @@ def test_parameter_counts_of_the_variants():
     # 16 learned frequencies and a 33-wide first time layer become a 32-wide one
     assert plain - fixed == 16 + (33 - 32) * 128
 
+    no_linear = count_params(UNet(**SMALL, linear_attention=False), (32, 32, 3))
+    # Each linear attention on c channels: 2 RMSNorm gains (2c), to_qkv
+    # (c x 384), to_out (128 x c + c). Six of them, on 32, 32, 64 (down) and
+    # 64, 64, 32 (up) channels.
+    assert plain - no_linear == (2 + 384 + 128 + 1) * (32 + 32 + 64 + 64 + 64 + 32)
+
 
 def test_layer_shapes_follow_the_reference_layout():
     model = UNet(**SMALL, num_classes=10)
