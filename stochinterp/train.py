@@ -282,8 +282,11 @@ class _Logger:
     ``train_log.jsonl``.
     """
 
-    def __init__(self, workdir: str, first_step: int, num_steps: int):
+    def __init__(
+        self, workdir: str, first_step: int, num_steps: int, deadline: float | None
+    ):
         self.num_steps = num_steps
+        self.deadline = deadline  # the time budget's end, if any
         self.pending: list = []
         self.history = {"loss": [], "mse": [], "grad_norm": []}
         self.last_time = time.time()
@@ -292,6 +295,13 @@ class _Logger:
 
     def add(self, metrics: dict) -> None:
         self.pending.append(metrics)
+
+    def _eta(self, step: int, rate: float, now: float) -> float:
+        """Seconds left: the remaining steps at this rate, or the budget's end."""
+        eta = (self.num_steps - step) / max(rate, 1e-9)
+        if self.deadline is not None:
+            eta = min(eta, max(self.deadline - now, 0.0))
+        return eta
 
     def flush(self, step: int) -> dict | None:
         if not self.pending:
@@ -311,7 +321,7 @@ class _Logger:
             "mse": float(np.mean(self.history["mse"][-len(host) :])),
             "grad_norm": self.history["grad_norm"][-1],
             "steps_per_s": rate,
-            "eta_s": (self.num_steps - step) / max(rate, 1e-9),
+            "eta_s": self._eta(step, rate, now),
             "mse_by_time_bin": (sums / np.maximum(counts, 1)).round(4).tolist(),
         }
         if jax.process_index() == 0:
@@ -432,8 +442,8 @@ def train(
             state, first_step = _start_state(
                 config, model, optimizer, coupling, manager, loader, mesh
             )
-            logger = _Logger(workdir, first_step, tc.num_steps)
             stop_rule = _StopRule(preemption, tc.max_seconds)
+            logger = _Logger(workdir, first_step, tc.num_steps, stop_rule.deadline)
             loop = _Loop(
                 config,
                 mesh,

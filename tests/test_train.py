@@ -327,7 +327,7 @@ def test_state_and_data_position_round_trip(tmp_path):
 
 
 def test_logger_writes_one_line_per_flush_with_rate_and_eta(tmp_path, caplog):
-    logger = train._Logger(str(tmp_path), first_step=10, num_steps=20)
+    logger = train._Logger(str(tmp_path), first_step=10, num_steps=20, deadline=None)
     for loss in (3.0, 1.0):
         logger.add(
             {
@@ -352,6 +352,13 @@ def test_logger_writes_one_line_per_flush_with_rate_and_eta(tmp_path, caplog):
     with open(tmp_path / "train_log.jsonl") as f:
         assert [json.loads(x)["step"] for x in f] == [12]
     assert logger.flush(13) is None  # nothing pending: nothing written
+
+
+def test_eta_ends_at_the_time_budget_when_that_comes_first(tmp_path):
+    logger = train._Logger(str(tmp_path), first_step=0, num_steps=1000, deadline=150.0)
+    assert logger._eta(step=100, rate=2.0, now=100.0) == 50.0  # budget: 50 s left
+    assert logger._eta(step=990, rate=2.0, now=100.0) == 5.0  # steps: 10 at 2/s
+    assert logger._eta(step=100, rate=2.0, now=200.0) == 0.0  # budget spent
 
 
 # ------------------------------------------------------------- early stops
