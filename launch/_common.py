@@ -54,23 +54,16 @@ def set_cpu_devices() -> None:
 
 def check_workdir(workdir: str) -> str:
     """Creates ``workdir`` and checks that it is writable; returns its absolute path."""
+    from stochinterp.workdir import ensure_writable  # no jax import
+
     if not workdir:
         raise ValueError(
             "--workdir is required: the folder for checkpoints and outputs"
         )
-    path = os.path.abspath(os.path.expanduser(workdir))
     try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test.{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise SystemExit(
-            f"error: workdir {workdir!r} is not writable ({e.strerror}); choose "
-            "another --workdir or fix its permissions"
-        ) from None
-    return path
+        return ensure_writable(workdir)
+    except PermissionError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def start(workdir: str) -> str:

@@ -42,6 +42,7 @@ from stochinterp import checkpointing, couplings, interpolants, losses, sharding
 from stochinterp import data as data_lib
 from stochinterp import train_state as ts
 from stochinterp.models.unet import UNet
+from stochinterp.workdir import ensure_writable
 
 log = logging.getLogger(__name__)
 
@@ -112,18 +113,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Creates the workdir layout and saves the resolved config; fails fast."""
-    try:
-        os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
-        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-        probe = os.path.join(workdir, f".write_test.{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise PermissionError(
-            f"workdir {workdir!r} is not writable ({e.strerror}); choose another "
-            "--workdir or fix its permissions"
-        ) from e
+    ensure_writable(workdir, ("checkpoints", "samples"))
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))

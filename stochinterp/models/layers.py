@@ -258,6 +258,22 @@ class ResnetBlock(nn.Module):
         return h + x
 
 
+def _normed_qkv(x: jax.Array, heads: int, dim_head: int, kw: dict):
+    """Pre-RMSNorm and a bias-free 1x1 conv to queries, keys and values.
+
+    Called inside an attention module's compact ``__call__``: the layers it
+    makes (``norm``, ``to_qkv``) belong to that module.
+
+    Returns:
+      q, k, v: each [batch, height * width, heads, dim_head].
+    """
+    b, h, w, _ = x.shape
+    y = RMSNorm(name="norm", **kw)(x)
+    qkv = Conv(3 * heads * dim_head, 1, use_bias=False, name="to_qkv", **kw)(y)
+    qkv = qkv.reshape(b, h * w, 3, heads, dim_head)
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
 class LinearAttention(nn.Module):
     """Residual linear attention: pre-RMSNorm, softmax kernels, output RMSNorm.
 
@@ -280,10 +296,7 @@ class LinearAttention(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, h, w, c = x.shape
         hidden = self.heads * self.dim_head
-        y = RMSNorm(name="norm", **kw)(x)
-        qkv = Conv(3 * hidden, 1, use_bias=False, name="to_qkv", **kw)(y)
-        qkv = qkv.reshape(b, h * w, 3, self.heads, self.dim_head)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = _normed_qkv(x, self.heads, self.dim_head, kw)
 
         q = jax.nn.softmax(q.astype(jnp.float32), axis=-1) * self.dim_head**-0.5
         k = jax.nn.softmax(k.astype(jnp.float32), axis=1)
@@ -314,10 +327,7 @@ class Attention(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, h, w, c = x.shape
         hidden = self.heads * self.dim_head
-        y = RMSNorm(name="norm", **kw)(x)
-        qkv = Conv(3 * hidden, 1, use_bias=False, name="to_qkv", **kw)(y)
-        qkv = qkv.reshape(b, h * w, 3, self.heads, self.dim_head)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = _normed_qkv(x, self.heads, self.dim_head, kw)
 
         logits = jnp.einsum("bihd,bjhd->bhij", q, k).astype(jnp.float32)
         weights = jax.nn.softmax(logits * self.dim_head**-0.5, axis=-1)
