@@ -139,8 +139,10 @@ def sample_coupling(
     labels = None if labels is None else put(np.asarray(labels, np.int32))
     key_couple, key_noise = jax.random.split(key)
 
+    # Parameters are arguments, not constants baked into the program: large
+    # networks compile faster and one program serves any checkpoint.
     @jax.jit
-    def run(x1, labels):
+    def run(variables, x1, labels):
         sample = coupling(key_couple, x1, labels)
         velocity, score = _fields_for(
             apply_fn, variables, sample, interpolant, settings, guidance
@@ -156,7 +158,7 @@ def sample_coupling(
         )
         return out, sample, info
 
-    out, sample, info = run(x1, labels)
+    out, sample, info = run(variables, x1, labels)
     samplers.check_info(info)
     return np.asarray(out), jax.tree.map(np.asarray, sample), info
 
