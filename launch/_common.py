@@ -11,6 +11,7 @@ import os
 import sys
 
 from absl import flags
+from ml_collections import config_flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(_REPO, "configs", "inpaint_photos16.py")
@@ -31,6 +32,38 @@ flags.DEFINE_integer("process_id", None, "index of this process")
 
 FLAGS = flags.FLAGS
 _COUNT_FLAG = "xla_force_host_platform_device_count"
+
+
+_BAD_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
+
+
+def _exit_with(error: Exception) -> None:
+    message = error
+    while isinstance(message, Exception) and message.args:  # unwrap re-raises
+        message = message.args[0]
+    sys.exit(f"error: {message}".replace("\n", " "))
+
+
+def define_config_flag() -> None:
+    """``--config`` (a config file, default the main job's) with overrides.
+
+    ml_collections applies ``--config.x=...`` overrides while defining the
+    flag; a misspelt field then ends the launcher with one clear line.
+    """
+    try:
+        config_flags.DEFINE_config_file(
+            "config", DEFAULT_CONFIG, "experiment config file"
+        )
+    except _BAD_FLAG_ERRORS as e:
+        _exit_with(e)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """Parses flags; a bad flag or config override ends with one clear line."""
+    try:
+        return FLAGS(argv)
+    except _BAD_FLAG_ERRORS as e:
+        _exit_with(e)
 
 
 def set_cpu_devices() -> None:

@@ -1,7 +1,7 @@
 """Evaluates the latest checkpoint of a workdir on the fixed test images.
 
     python -m launch.evaluate --config configs/inpaint_photos16.py --workdir DIR \\
-        --config.sampler.method=dopri5 --config.sampler.num_steps=None
+        --config.sampler.method=dopri5
 
 Uses the same config file as training (sampler and eval fields may be
 overridden). Writes ``DIR/eval_<method>.json`` and
@@ -15,13 +15,10 @@ import json
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from launch import _common
 
-config_flags.DEFINE_config_file(
-    "config", _common.DEFAULT_CONFIG, "experiment config file"
-)
+_common.define_config_flag()
 flags.DEFINE_string("workdir", None, "workdir of a training run")
 FLAGS = flags.FLAGS
 
@@ -37,6 +34,7 @@ def main(argv):
     from stochinterp import pipeline, sharding
 
     mesh = sharding.make_mesh()
+    pipeline.validate_sampling(config, mesh)
     model, variables, step = pipeline.load_variables(
         config, workdir, mesh, config.eval.use_ema
     )
@@ -53,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_common.parse_flags)

@@ -12,16 +12,14 @@ truth).
 
 from __future__ import annotations
 
+import logging
 import os
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags
 
 from launch import _common
 
-config_flags.DEFINE_config_file(
-    "config", _common.DEFAULT_CONFIG, "experiment config file"
-)
+_common.define_config_flag()
 flags.DEFINE_string("workdir", None, "workdir of a training run")
 flags.DEFINE_integer("num_samples", 16, "number of samples (multiple of the devices)")
 flags.DEFINE_integer("seed", 0, "seed for the coupling and SDE noise")
@@ -42,6 +40,7 @@ def main(argv):
     from stochinterp import evaluate, pipeline, sharding
 
     mesh = sharding.make_mesh()
+    pipeline.validate_sampling(config, mesh, FLAGS.num_samples)
     model, variables, step = pipeline.load_variables(
         config, workdir, mesh, config.eval.use_ema
     )
@@ -59,7 +58,7 @@ def main(argv):
         labels=np.asarray(-1 if sample.labels is None else sample.labels),
     )
     evaluate.save_grid(stem + ".png", [np.clip(sample.x0, -1, 1), samples, x1])
-    logging.info(
+    logging.getLogger("launch.sample").info(
         "step %d: %d samples with %s, %d model calls, %.1f s -> %s.png",
         step,
         samples.shape[0],
@@ -71,4 +70,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_common.parse_flags)

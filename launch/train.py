@@ -10,13 +10,10 @@ Running it again on the same workdir resumes from the latest checkpoint.
 from __future__ import annotations
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from launch import _common
 
-config_flags.DEFINE_config_file(
-    "config", _common.DEFAULT_CONFIG, "experiment config file"
-)
+_common.define_config_flag()
 flags.DEFINE_string("workdir", None, "output folder (created if missing)")
 flags.DEFINE_bool("evaluate", True, "evaluate after training")
 FLAGS = flags.FLAGS
@@ -34,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_common.parse_flags)

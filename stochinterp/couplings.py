@@ -299,6 +299,17 @@ class ClassConditioning:
         return self.base.cond_channels_per_image_channel
 
 
+def without_label_drop(coupling: Coupling) -> Coupling:
+    """The same coupling for sampling: given labels are kept, never dropped.
+
+    Classifier-free guidance drops labels in training only; at sampling time
+    the guidance scale decides how much the label counts.
+    """
+    if isinstance(coupling, ClassConditioning) and coupling.p_uncond > 0:
+        return dataclasses.replace(coupling, p_uncond=0.0)
+    return coupling
+
+
 def cond_channels(coupling, image_channels: int) -> int:
     """Number of image-shaped conditioning channels a coupling produces."""
     const, per = coupling.cond_channels_per_image_channel

@@ -41,8 +41,55 @@ def mse_trend(history: list[float]) -> dict:
     }
 
 
+def is_inpainting(config) -> bool:
+    """In-painting, coupled or the uncoupled baseline with the same inputs."""
+    cc = config.coupling
+    return cc.name == "inpainting" or (
+        cc.name == "independent" and cc.baseline_condition == "inpainting"
+    )
+
+
+def validate_sampling(config, mesh, num_images: int | None = None) -> None:
+    """Checks the sampler and evaluation fields; raises before any work.
+
+    Args:
+      config: the full config.
+      mesh: the device mesh; the number of images must split over it.
+      num_images: images to sample (default ``config.eval.num_images``).
+    """
+    n = config.eval.num_images if num_images is None else num_images
+    devices = mesh.devices.size
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n % devices:
+        raise ValueError(
+            f"number of images to sample ({n!r}: eval.num_images or "
+            f"--num_samples) must be a positive multiple of the number of "
+            f"devices ({devices})"
+        )
+    if config.eval.grid_images < 1:
+        raise ValueError(
+            f"eval.grid_images must be >= 1, got {config.eval.grid_images}"
+        )
+    settings = samplers.SamplerSettings.from_config(config.sampler)
+    interpolant = interpolants.from_config(**config.interpolant)
+    if settings.needs_score or interpolant.has_noise:
+        interpolants.check_time_range(settings.t_min, settings.t_max, interpolant)
+    if settings.needs_score and interpolant.has_noise and not config.train.denoiser:
+        raise ValueError(
+            "sampler.method='euler_maruyama' with gamma > 0 needs the denoiser: "
+            "set train.denoiser=True (or sampler.eps_scale=0)"
+        )
+    _guidance(config)
+
+
 def load_variables(config, workdir: str, mesh, use_ema: bool):
     """Restores the latest checkpoint: returns (model, variables, step)."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"no checkpoint in {directory!r}; train first with "
+            f"python -m launch.train --workdir {workdir}"
+        )
+    train.check_saved_config(workdir, config)
     _, _, model, _, optimizer = train.setup(config, mesh)
     template = jax.eval_shape(
         lambda: train.init_state(
@@ -84,7 +131,9 @@ def sample_test_images(config, model, variables, mesh, n: int, seed: int):
       (x1 [n, H, W, C], samples [n, H, W, C], CouplingSample, SamplerInfo,
       seconds spent sampling).
     """
-    examples = data_lib.eval_examples(config.data, split=config.data.eval_split or None, n=n)
+    examples = data_lib.eval_examples(
+        config.data, split=config.data.eval_split or None, n=n
+    )
     x1 = np.asarray(examples["image"], np.float32)
     labels = examples["label"] if config.coupling.num_classes else None
     settings = samplers.SamplerSettings.from_config(config.sampler)
@@ -95,7 +144,7 @@ def sample_test_images(config, model, variables, mesh, n: int, seed: int):
         variables,
         x1,
         labels,
-        couplings.from_config(config.coupling),
+        couplings.without_label_drop(couplings.from_config(config.coupling)),
         interpolant,
         settings,
         jax.random.key(seed),
@@ -108,17 +157,23 @@ def sample_test_images(config, model, variables, mesh, n: int, seed: int):
 def evaluate_inpainting(
     config, model, variables, workdir: str, mesh, picture: str = "inpaint.png"
 ) -> dict:
-    """Samples the fixed test images, writes samples/<picture>, returns metrics."""
-    if config.coupling.name != "inpainting" or config.coupling.num_classes:
+    """Samples the fixed test images, writes samples/<picture>, returns metrics.
+
+    Works for the coupled model and for the uncoupled baseline, whose mask is
+    its first conditioning channel (it does not hold known pixels fixed, so
+    its ``known_pixels_exact`` is normally False).
+    """
+    if not is_inpainting(config):
         raise NotImplementedError(
-            "in-painting evaluation needs coupling.name='inpainting' without "
-            f"classes, got {config.coupling.name!r} with num_classes="
-            f"{config.coupling.num_classes}"
+            "in-painting evaluation needs coupling.name='inpainting' (or "
+            "'independent' with baseline_condition='inpainting'), got "
+            f"{config.coupling.name!r}; use launch.sample for other couplings"
         )
     x1, samples, sample, info, seconds = sample_test_images(
         config, model, variables, mesh, config.eval.num_images, config.eval.seed
     )
-    metrics = evaluate.inpainting_metrics(samples, x1, sample.mask)
+    mask = sample.mask if sample.mask is not None else sample.cond[..., :1]
+    metrics = evaluate.inpainting_metrics(samples, x1, mask)
     metrics.update(
         nfe=int(info.nfe),
         sampler=config.sampler.method,
@@ -127,7 +182,8 @@ def evaluate_inpainting(
     )
     if jax.process_index() == 0:
         k = min(config.eval.grid_images, x1.shape[0])
-        rows = [evaluate.masked_input(x1[:k], sample.mask[:k]), samples[:k], x1[:k]]
+        rows = [evaluate.masked_input(x1[:k], mask[:k]), samples[:k], x1[:k]]
+        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
         path = os.path.join(workdir, "samples", picture)
         evaluate.save_grid(path, rows)
         log.info("wrote %s (rows: masked input, sample, ground truth)", path)
@@ -139,6 +195,8 @@ def train_and_evaluate(
 ) -> dict:
     """Trains, then (for in-painting) evaluates and writes ``metrics.json``."""
     mesh = sharding.make_mesh()
+    if evaluate_after and is_inpainting(config):
+        validate_sampling(config, mesh)
     start = time.time()
     result = train.train(config, workdir, mesh)
     train_seconds = time.time() - start
@@ -156,7 +214,7 @@ def train_and_evaluate(
     }
     if result.history["mse"]:
         metrics.update(mse_trend(result.history["mse"]))
-    if evaluate_after and config.coupling.name == "inpainting":
+    if evaluate_after and is_inpainting(config):
         variables = (
             result.state.ema_params if config.eval.use_ema else result.state.params
         )

@@ -184,10 +184,14 @@ class SamplerSettings:
 
         Reads the fields of this class that the config holds (see the class
         attributes); absent fields keep their defaults, other keys are
-        ignored.
+        ignored. ``num_steps`` is read by the fixed-step methods only, so a
+        config can switch to ``method='dopri5'`` without unsetting it.
         """
         names = [field.name for field in dataclasses.fields(cls)]
-        return cls(**{name: config[name] for name in names if name in config})
+        values = {name: config[name] for name in names if name in config}
+        if values.get("method") == "dopri5":
+            values.pop("num_steps", None)
+        return cls(**values)
 
 
 @flax.struct.dataclass
@@ -275,11 +279,12 @@ def integrate(
       info: a :class:`SamplerInfo`.
     """
     _check_inputs(x0, settings, score, key, mask)
-    free = None if mask is None else (1.0 - mask).astype(x0.dtype)
+    # A where, not a product: a non-finite update must not reach known pixels.
+    frozen = None if mask is None else mask > 0
 
     def field(t, x):
         b = velocity(t, x, xi).astype(x0.dtype)
-        return b if free is None else b * free
+        return b if frozen is None else jnp.where(frozen, 0.0, b).astype(x0.dtype)
 
     if settings.method == "euler":
         return _euler(field, x0, settings)
@@ -291,7 +296,7 @@ def integrate(
     def score_field(t, x):
         return score(t, x, xi).astype(x0.dtype)
 
-    return _euler_maruyama(field, score_field, x0, settings, key, free)
+    return _euler_maruyama(field, score_field, x0, settings, key, frozen)
 
 
 def make_sampler(
@@ -436,7 +441,7 @@ def _heun(field, x0, settings):
     return x1, _fixed_info(settings, nfe)
 
 
-def _euler_maruyama(field, score, x0, settings, key, free):
+def _euler_maruyama(field, score, x0, settings, key, frozen):
     """Euler-Maruyama; the last step is an Euler step of the ODE.
 
     The score is evaluated on every step, at the same (t, x) as the velocity,
@@ -458,8 +463,8 @@ def _euler_maruyama(field, score, x0, settings, key, free):
         e = eps(t)
         stochastic = (e * h) * s + jnp.sqrt(2.0 * e * h) * noise
         stochastic = jnp.where(i < n - 1, stochastic, 0.0)
-        if free is not None:
-            stochastic = stochastic * free
+        if frozen is not None:
+            stochastic = jnp.where(frozen, 0.0, stochastic).astype(x.dtype)
         return x + h * b + stochastic
 
     x1 = jax.lax.fori_loop(0, n, step, x0)

@@ -25,7 +25,9 @@ Faults:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -111,9 +113,59 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     couplings.from_config(config.coupling).check_image_shape((1, *image_shape(config)))
 
 
+# Fields that shape the checkpoint or what it means: a resume or an
+# evaluation with other values would restore the wrong thing.
+_FIXED_FIELDS = (
+    "model",
+    "coupling",
+    "interpolant",
+    "data.name",
+    "data.image_size",
+    "train.denoiser",
+)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def check_saved_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Refuses a config that differs from the workdir's in fields that matter.
+
+    Compares ``config`` with ``workdir/config.json`` (when there is one) on
+    the network, coupling, interpolant, dataset and denoiser fields.
+
+    Raises:
+      ValueError: naming every differing field with both values.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = _flatten(json.load(f))
+    now = _flatten(json.loads(config.to_json_best_effort()))
+    fixed = [k for k in set(saved) | set(now) if k.startswith(_FIXED_FIELDS)]
+    changed = sorted(k for k in fixed if saved.get(k) != now.get(k))
+    if changed:
+        diffs = "; ".join(
+            f"{k}: {saved.get(k)!r} saved, {now.get(k)!r} now" for k in changed
+        )
+        raise ValueError(
+            f"workdir {workdir!r} holds a run with another config ({diffs}); use "
+            "the config it was trained with, or another --workdir"
+        )
+
+
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Creates the workdir layout and saves the resolved config; fails fast."""
     ensure_writable(workdir, ("checkpoints", "samples"))
+    check_saved_config(workdir, config)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
@@ -418,7 +470,53 @@ def train(
     validate_config(config, mesh)
     data_lib.validate(config.data)
     coupling, _, model, loss_fn, optimizer = setup(config, mesh)
-    prepare_workdir(workdir, config)
+    ensure_writable(workdir)
+    with _workdir_lock(workdir):
+        prepare_workdir(workdir, config)
+        _check_classes(config)
+        return _run(config, workdir, mesh, coupling, model, loss_fn, optimizer)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str):
+    """Holds ``workdir/.lock`` (process 0): a second run on the same workdir fails.
+
+    The lock is an advisory ``flock``; it dies with the process, so a killed
+    run leaves nothing to clean up.
+    """
+    if jax.process_index() != 0:
+        yield
+        return
+    with open(os.path.join(workdir, ".lock"), "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RuntimeError(
+                f"another run is training in workdir {workdir!r} (it holds "
+                f"{os.path.join(workdir, '.lock')}); wait for it, stop it, or "
+                "use another --workdir"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _check_classes(config: ml_collections.ConfigDict) -> None:
+    """A class-conditional model needs a label row for every class of the data."""
+    n = config.coupling.num_classes
+    if not n:
+        return
+    have = data_lib.dataset_info(config.data).num_classes
+    if n < have:
+        raise ValueError(
+            f"coupling.num_classes={n} but dataset {config.data.name!r} has {have} "
+            f"classes; set coupling.num_classes={have}"
+        )
+
+
+def _run(config, workdir, mesh, coupling, model, loss_fn, optimizer) -> TrainResult:
+    """The loop proper, once everything is checked and the workdir is held."""
     tc = config.train
 
     loader = data_lib.make_loader_from_config(

@@ -59,3 +59,29 @@ def test_bad_device_count(tmp_path, flag):
     result = run_train("--workdir", str(tmp_path / "wd"), flag, tmp_path=tmp_path)
     assert result.returncode != 0
     assert "--cpu_devices must be >= 1, got 0" in result.stderr
+
+
+def test_a_misspelt_field_ends_with_one_line_not_a_traceback(tmp_path):
+    result = run_train(
+        "--workdir",
+        str(tmp_path / "wd"),
+        "--config.train.num_step=3",
+        tmp_path=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        'error: \'num_step\' Did you mean "num_steps" instead of "num_step"?'
+    )
+
+
+def test_sampling_settings_are_checked_before_training(tmp_path):
+    result = run_train(
+        "--workdir",
+        str(tmp_path / "wd"),
+        "--config.eval.num_images=3",
+        tmp_path=tmp_path,
+    )
+    assert result.returncode != 0
+    assert "eval.num_images" in result.stderr and "(3:" in result.stderr
+    assert not (tmp_path / "data").exists()  # before any data was built

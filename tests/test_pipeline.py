@@ -120,3 +120,60 @@ def test_restored_ema_weights_reproduce_the_evaluation(main_job):
         metrics["psnr_hidden_sample"], abs=1e-4
     )
     assert jax.device_count() == 2
+
+
+def test_dopri5_can_be_chosen_from_a_config_that_sets_num_steps():
+    config = inpaint_photos16.get_config()
+    config.sampler.method = "dopri5"  # num_steps stays 20 from the experiment
+    settings = pipeline.samplers.SamplerSettings.from_config(config.sampler)
+    assert settings.method == "dopri5" and settings.num_steps is None
+    pipeline.validate_sampling(config, pipeline.sharding.make_mesh())
+
+
+def test_sampling_never_drops_the_given_labels():
+    from stochinterp import couplings
+
+    coupling = couplings.ClassConditioning(couplings.IndependentCoupling(), 10, 0.5)
+    x1 = np.zeros((512, 4, 4, 1), np.float32)
+    labels = np.arange(512) % 10
+    trained = coupling(jax.random.key(0), x1, labels)
+    assert (np.asarray(trained.labels) == 10).sum() > 200  # drops in training
+    sampled = couplings.without_label_drop(coupling)(jax.random.key(0), x1, labels)
+    np.testing.assert_array_equal(sampled.labels, labels)
+
+
+def test_a_changed_config_on_a_trained_workdir_is_refused(main_job):
+    config, workdir, _ = main_job
+    other = tiny_config(config.data.data_dir)
+    other.model.dim = 16
+    with pytest.raises(ValueError, match=r"model.dim: 8 saved, 16 now"):
+        pipeline.load_variables(other, workdir, pipeline.sharding.make_mesh(), True)
+    with pytest.raises(ValueError, match=r"model.dim: 8 saved, 16 now"):
+        pipeline.train.train(other, workdir)
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused(main_job, tmp_path):
+    import fcntl
+
+    config, workdir, _ = main_job
+    with open(os.path.join(workdir, ".lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RuntimeError, match="another run is training"):
+            pipeline.train.train(config, workdir)
+
+
+def test_uncoupled_baseline_is_evaluated_on_its_mask_channel(main_job, tmp_path):
+    config, _, _ = main_job
+    baseline = tiny_config(config.data.data_dir)
+    baseline.coupling.name = "independent"
+    baseline.coupling.baseline_condition = "inpainting"
+    mesh = pipeline.sharding.make_mesh()
+    _, _, model, _, optimizer = pipeline.train.setup(baseline, mesh)
+    coupling = pipeline.couplings.from_config(baseline.coupling)
+    state = pipeline.train.init_state(baseline, model, optimizer, coupling, mesh)
+    metrics = pipeline.evaluate_inpainting(
+        baseline, model, state.params, str(tmp_path), mesh
+    )
+    assert 0.0 < metrics["hidden_fraction"] < 1.0
+    assert metrics["nfe"] == 5
+    assert os.path.exists(tmp_path / "samples" / "inpaint.png")

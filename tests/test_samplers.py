@@ -471,3 +471,23 @@ def test_settings_from_config_and_static_jit():
     x1, info = jitted(lambda t, x, xi: jnp.ones_like(x), x0, {}, settings)
     np.testing.assert_allclose(x1, 1.0, rtol=1e-6)
     assert int(info.nfe) == 7
+
+
+@pytest.mark.parametrize("method", ["euler", "heun", "dopri5", "euler_maruyama"])
+def test_known_pixels_survive_a_non_finite_field(method):
+    """A NaN update (e.g. a score divided by gamma = 0) never reaches known pixels."""
+    x0 = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+    mask = jnp.zeros((2, 4, 4, 1)).at[:, :2].set(1.0)
+    nan_field = lambda t, x, xi: jnp.full_like(x, jnp.nan)  # noqa: E731
+    steps = None if method == "dopri5" else 3
+    settings = Settings(
+        method=method, num_steps=steps, t_min=0.1, t_max=0.9, max_steps=4
+    )
+    x1, info = samplers.integrate(
+        nan_field, x0, {}, settings, score=nan_field, key=jax.random.key(1), mask=mask
+    )
+    np.testing.assert_array_equal(x1[:, :2], x0[:, :2])
+    if method == "dopri5":  # every step is rejected, and said so
+        assert not bool(info.success) and int(info.accepted_steps) == 0
+    else:
+        assert np.isnan(np.asarray(x1[:, 2:])).all()
