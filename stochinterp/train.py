@@ -403,6 +403,13 @@ def _start_state(config, model, optimizer, coupling, manager, loader, mesh):
     if data_state is not None:
         loader.set_state(data_state)
     log.info("resumed from the checkpoint at step %d", step)
+    if step >= config.train.num_steps:
+        log.warning(
+            "the checkpoint is at step %d >= train.num_steps=%d: nothing to train; "
+            "raise train.num_steps to continue",
+            step,
+            config.train.num_steps,
+        )
     return state, step
 
 
