@@ -84,11 +84,12 @@ def validate_sampling(config, mesh, num_images: int | None = None) -> None:
 def load_variables(config, workdir: str, mesh, use_ema: bool):
     """Restores the latest checkpoint: returns (model, variables, step)."""
     directory = os.path.join(workdir, "checkpoints")
+    missing = FileNotFoundError(
+        f"no checkpoint in {directory!r}; train first with "
+        f"python -m launch.train --workdir {workdir}"
+    )
     if not os.path.isdir(directory):
-        raise FileNotFoundError(
-            f"no checkpoint in {directory!r}; train first with "
-            f"python -m launch.train --workdir {workdir}"
-        )
+        raise missing
     train.check_saved_config(workdir, config)
     _, _, model, _, optimizer = train.setup(config, mesh)
     template = jax.eval_shape(
@@ -97,15 +98,12 @@ def load_variables(config, workdir: str, mesh, use_ema: bool):
         )
     )
     manager = checkpointing.make_manager(
-        os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints, False
+        directory, config.train.keep_checkpoints, False
     )
     restored = checkpointing.restore_latest(manager, template, mesh)
     manager.close()
     if restored is None:
-        raise FileNotFoundError(
-            f"no checkpoint in {os.path.join(workdir, 'checkpoints')!r}; train first "
-            "with python -m launch.train --workdir " + workdir
-        )
+        raise missing
     step, state, _ = restored
     return model, state.ema_params if use_ema else state.params, step
 
