@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,9 +99,15 @@ def check_workdir(workdir: str) -> str:
         raise SystemExit(f"error: {e}") from None
 
 
-def start(workdir: str) -> str:
-    """Devices, processes and logging, in that order; returns the workdir."""
-    path = check_workdir(workdir)
+def start(argv: list[str]) -> str:
+    """Arguments, workdir, devices, processes and logging; returns the workdir.
+
+    Every launcher defines ``--workdir``; stray positional arguments are an
+    error.
+    """
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    path = check_workdir(FLAGS.workdir)
     set_cpu_devices()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

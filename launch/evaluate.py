@@ -24,9 +24,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    workdir = _common.start(FLAGS.workdir)
+    workdir = _common.start(argv)
     config = FLAGS.config
 
     import jax

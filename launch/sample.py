@@ -27,11 +27,9 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.num_samples < 1:
         raise app.UsageError(f"--num_samples must be >= 1, got {FLAGS.num_samples}")
-    workdir = _common.start(FLAGS.workdir)
+    workdir = _common.start(argv)
     config = FLAGS.config
 
     import jax

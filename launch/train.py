@@ -20,9 +20,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    workdir = _common.start(FLAGS.workdir)
+    workdir = _common.start(argv)
     config = FLAGS.config
 
     from stochinterp import pipeline

@@ -122,7 +122,8 @@ def sample_coupling(
         independent coupling only their shape matters); n divisible by the
         number of devices.
       labels: [n] int32 labels (class-conditional couplings) or None.
-      coupling: the coupling used in training.
+      coupling: the coupling used in training (its training-time label drop
+        for guidance is switched off: sampling keeps the given labels).
       interpolant: the path used in training.
       settings: sampler settings.
       key: PRNG key for the coupling (masks, noise) and the SDE noise.
@@ -138,6 +139,7 @@ def sample_coupling(
     x1 = put(np.asarray(x1, np.float32))
     labels = None if labels is None else put(np.asarray(labels, np.int32))
     key_couple, key_noise = jax.random.split(key)
+    coupling = couplings.without_label_drop(coupling)  # given labels are kept
 
     # Parameters are arguments, not constants baked into the program: large
     # networks compile faster and one program serves any checkpoint.

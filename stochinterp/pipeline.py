@@ -142,7 +142,7 @@ def sample_test_images(config, model, variables, mesh, n: int, seed: int):
         variables,
         x1,
         labels,
-        couplings.without_label_drop(couplings.from_config(config.coupling)),
+        couplings.from_config(config.coupling),
         interpolant,
         settings,
         jax.random.key(seed),
