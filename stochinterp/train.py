@@ -163,12 +163,19 @@ def check_saved_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Creates the workdir layout and saves the resolved config; fails fast."""
+    """Creates the workdir layout and saves the resolved config; fails fast.
+
+    Process 0 alone checks and writes ``config.json`` (the others would read
+    it while it is being rewritten); the file is replaced atomically.
+    """
     ensure_writable(workdir, ("checkpoints", "samples"))
+    if jax.process_index() != 0:
+        return
     check_saved_config(workdir, config)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + ".tmp", path)
 
 
 def build_model(config: ml_collections.ConfigDict, image_channels: int) -> UNet:
