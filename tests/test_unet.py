@@ -1,11 +1,12 @@
 """Tests of the U-Net: exact parameter counts, conditioning modes, errors."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stochinterp.models import UNet, count_params
+from stochinterp.models import UNet, count_params, layers
 
 PAPER = dict(dim=256, dim_mults=(1, 1, 2, 3, 4), out_channels=3)
 SMALL = dict(dim=32, dim_mults=(1, 2, 2), out_channels=3)
@@ -215,3 +216,41 @@ def test_labels_for_a_model_without_classes_raise():
 def test_bad_configs_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         UNet(**{**TINY, **kwargs})
+
+
+class _FlaxConv1x1(nn.Module):
+    """flax's own 1x1 convolution with the init of ``layers.Conv``."""
+
+    features: int
+    use_bias: bool
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(
+            self.features,
+            (1, 1),
+            use_bias=self.use_bias,
+            kernel_init=layers.torch_kernel_init,
+            bias_init=layers.torch_bias_init(x.shape[-1]),
+            name="conv",
+        )(x)
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_pointwise_conv_equals_flax_1x1_convolution(use_bias):
+    """1x1 convs run as one matrix product: same parameters, same output."""
+    x = jax.random.normal(jax.random.key(0), (3, 5, 7, 6))
+    ours = layers.Conv(10, 1, use_bias=use_bias)
+    reference = _FlaxConv1x1(10, use_bias)
+    params = ours.init(jax.random.key(1), x)["params"]
+    ref_params = reference.init(jax.random.key(1), x)["params"]
+
+    assert sorted(params["conv"]) == (["bias", "kernel"] if use_bias else ["kernel"])
+    assert params["conv"]["kernel"].shape == (1, 1, 6, 10)
+    jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+    np.testing.assert_allclose(
+        np.asarray(ours.apply({"params": params}, x)),
+        np.asarray(reference.apply({"params": params}, x)),
+        rtol=1e-5,
+        atol=1e-5,
+    )

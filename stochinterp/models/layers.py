@@ -62,6 +62,14 @@ class Conv(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [batch, height, width, in] -> [batch, height', width', features]."""
         fan_in = x.shape[-1] * self.kernel * self.kernel
+        if self.kernel == 1 and self.stride == 1 and self.padding == 0:
+            return _Pointwise(
+                self.features,
+                use_bias=self.use_bias,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="conv",
+            )(x)
         pad = (self.padding, self.padding)
         return nn.Conv(
             self.features,
@@ -75,6 +83,40 @@ class Conv(nn.Module):
             bias_init=torch_bias_init(fan_in),
             name="conv",
         )(x)
+
+
+class _Pointwise(nn.Module):
+    """A 1x1 convolution computed as one matrix product over all positions.
+
+    Same parameters (``kernel`` [1, 1, in, out], ``bias`` [out]), initial values
+    and result as ``nn.Conv`` with a 1x1 kernel. Flattening the positions into
+    one axis lets XLA's CPU backend use a plain matrix product for the output
+    and both gradients; as a convolution, the kernel gradient of a 1x1 conv
+    (a contraction over every position) ran about five times slower.
+    """
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., in] -> [..., features]."""
+        fan_in = x.shape[-1]
+        kernel = self.param(
+            "kernel",
+            torch_kernel_init,
+            (1, 1, fan_in, self.features),
+            self.param_dtype,
+        )
+        y = x.reshape(-1, fan_in).astype(self.dtype) @ kernel[0, 0].astype(self.dtype)
+        if self.use_bias:
+            bias = self.param(
+                "bias", torch_bias_init(fan_in), (self.features,), self.param_dtype
+            )
+            y = y + bias.astype(self.dtype)
+        return y.reshape(*x.shape[:-1], self.features)
 
 
 class Dense(nn.Module):
