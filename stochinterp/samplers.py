@@ -497,7 +497,9 @@ class _Dopri5State(NamedTuple):
     t: jax.Array  # [] float32 time of the last accepted step
     x: jax.Array  # [batch, ...] state at t
     h: jax.Array  # [] float32 step size of the current attempt
-    stages: jax.Array  # [7, batch, ...] field values of the current attempt
+    k0: jax.Array  # [batch, ...] field at (t, x)
+    stages: jax.Array  # [6, batch, ...] stages 1..6 of the current attempt
+    error: jax.Array  # [batch, ...] sum_s _DP_E[s] k_s over the stages so far
     row: jax.Array  # [] int32 which row of _DP_A the next call evaluates
     accepted: jax.Array  # [] int32
     rejected: jax.Array  # [] int32
@@ -509,7 +511,7 @@ def _rms(x: jax.Array) -> jax.Array:
 
 
 def _combine(weights: jax.Array, stages: jax.Array) -> jax.Array:
-    """sum_s weights[s] * stages[s] for stages [7, batch, ...]."""
+    """sum_s weights[s] * stages[s] for stages [S, batch, ...]."""
     return jnp.tensordot(weights.astype(stages.dtype), stages, axes=1)
 
 
@@ -520,56 +522,73 @@ def _dopri5(field, x0, settings):
     tableau, then starts the step size (row 0 and the probe), moves to the next
     stage, or finishes the step (row 6): error estimate, accept or reject,
     new step size. The field is traced once.
+
+    Only scalars come out of the branch on the row, and the stage buffer is
+    written once per call (the new stage) and never passed into the branch:
+    k0 and the running error sum are separate arrays. So no iteration copies
+    the stage buffer, which on a cheap field would cost more than the call.
     """
+    dtype = x0.dtype
     t1 = jnp.float32(settings.t_max)
-    a, c = jnp.asarray(_DP_A, jnp.float32), jnp.asarray(_DP_C, jnp.float32)
+    a, c = jnp.asarray(_DP_A, dtype), jnp.asarray(_DP_C, jnp.float32)
+    # Error weight of the stage a row evaluates (none for row 0 and the probe).
+    error_weights = jnp.asarray(np.append(_DP_E, 0.0), dtype).at[0].set(0.0)
     branch = jnp.asarray(_DP_BRANCH)
+    no = jnp.bool_(False)
 
-    def last(state):
-        # The attempt reaches t_max: its step is clipped to t_max - t.
-        return state.h >= t1 - state.t
-
-    def start(state, h, y, k):
+    # Each branch returns (new h, next row, accepted), reading arrays only.
+    def start(x, k0, y, k, error, h, row):
         if settings.first_step is not None:
-            return state._replace(h=jnp.float32(settings.first_step), row=1)
-        return state._replace(h=_first_step_guess(state.x, k, settings), row=_PROBE)
+            return jnp.float32(settings.first_step), jnp.int32(1), no
+        return _first_step_guess(x, k, settings), jnp.int32(_PROBE), no
 
-    def probe(state, h, y, k):
-        h = _first_step(state.x, state.stages[0], k, h, settings)
-        return state._replace(h=h, row=1)
+    def probe(x, k0, y, k, error, h, row):
+        return _first_step(x, k0, k, h, settings), jnp.int32(1), no
 
-    def next_stage(state, h, y, k):
-        return state._replace(row=state.row + 1)
+    def next_stage(x, k0, y, k, error, h, row):
+        return h, row + 1, no
 
-    def finish(state, h, y, k):
-        error = h * _combine(jnp.asarray(_DP_E, jnp.float32), state.stages)
-        scale = settings.atol + settings.rtol * jnp.maximum(
-            jnp.abs(state.x), jnp.abs(y)
-        )
-        ok, factor = _controller(_rms(error / scale), settings)
-        k0 = jnp.where(ok, k, state.stages[0])
-        return state._replace(
-            t=jnp.where(ok, jnp.where(last(state), t1, state.t + h), state.t),
-            x=jnp.where(ok, y, state.x),
-            h=(h * factor).astype(jnp.float32),
-            stages=state.stages.at[0].set(k0),
-            row=jnp.int32(1),
-            accepted=state.accepted + ok.astype(jnp.int32),
-            rejected=state.rejected + (~ok).astype(jnp.int32),
-        )
+    def finish(x, k0, y, k, error, h, row):
+        scale = settings.atol + settings.rtol * jnp.maximum(jnp.abs(x), jnp.abs(y))
+        ok, factor = _controller(_rms(h * error / scale), settings)
+        return (h * factor).astype(jnp.float32), jnp.int32(1), ok
 
     def call(state):
         row = state.row
+        clipped = state.h >= t1 - state.t  # this attempt ends at t_max
         h = jnp.where(row == _PROBE, state.h, jnp.minimum(state.h, t1 - state.t))
-        t = jnp.where((row == 6) & last(state), t1, state.t + c[row] * h)
-        y = state.x + h * _combine(a[row], state.stages)
+        t = jnp.where((row == 6) & clipped, t1, state.t + c[row] * h)
+        increment = a[row, 0] * state.k0 + _combine(a[row, 1:], state.stages)
+        y = state.x + h.astype(dtype) * increment
         k = field(t, y)
-        slot = jnp.where(row == _PROBE, 1, row)
-        state = state._replace(
-            stages=state.stages.at[slot].set(k), calls=state.calls + 1
+        stages = state.stages.at[jnp.clip(row - 1, 0, 5)].set(k)
+        error = jnp.where(row == 1, _DP_E[0] * state.k0, state.error)
+        error = error + error_weights[row] * k
+        new_h, new_row, ok = jax.lax.switch(
+            branch[row],
+            [start, probe, next_stage, finish],
+            state.x,
+            state.k0,
+            y,
+            k,
+            error,
+            h,
+            row,
         )
-        return jax.lax.switch(
-            branch[row], [start, probe, next_stage, finish], state, h, y, k
+        done = branch[row] == 3
+        accept = done & ok
+        # First same as last: an accepted step's last stage is the next k0.
+        return state._replace(
+            t=jnp.where(accept, jnp.where(clipped, t1, state.t + h), state.t),
+            x=jnp.where(accept, y, state.x),
+            h=new_h,
+            k0=jnp.where(accept | (row == 0), k, state.k0),
+            stages=stages,
+            error=error,
+            row=new_row,
+            accepted=state.accepted + accept.astype(jnp.int32),
+            rejected=state.rejected + (done & ~ok).astype(jnp.int32),
+            calls=state.calls + 1,
         )
 
     def running(state):
@@ -581,7 +600,9 @@ def _dopri5(field, x0, settings):
         t=jnp.float32(settings.t_min),
         x=x0,
         h=jnp.float32(0.0),
-        stages=jnp.zeros((7,) + x0.shape, x0.dtype),
+        k0=jnp.zeros_like(x0),
+        stages=jnp.zeros((6,) + x0.shape, dtype),
+        error=jnp.zeros_like(x0),
         row=zero,
         accepted=zero,
         rejected=zero,
