@@ -1,4 +1,10 @@
-"""Our Heun and Dopri5 against diffrax's on the same U-Net field.
+"""Our Heun and Dopri5 against diffrax's on the same field.
+
+Two fields: ``--field unet`` (default), the small U-Net of
+``sampler_overhead.py``, where compiling and running the network dominate;
+and ``--field gaussian``, the exact velocity of a 48-dimensional Gaussian
+(``stochinterp.oracle``) on a batch of 1024, cheap enough that the samplers'
+own work shows.
 
 For each pair prints the compile time (trace and lower, then XLA compile, of
 the whole jitted sampler, each measured in a fresh process after one forward
@@ -11,7 +17,7 @@ between the two results.
 diffrax is a benchmark-only dependency (``pip install -e '.[bench]'``);
 the library never imports it.
 
-    .venv/bin/python benchmarks/sampler_vs_diffrax.py [--rounds 5]
+    .venv/bin/python benchmarks/sampler_vs_diffrax.py [--rounds 5] [--field gaussian]
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ import diffrax  # noqa: E402
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from sampler_overhead import environment, network_setup, timed  # noqa: E402
 
-from stochinterp import samplers  # noqa: E402
+from stochinterp import interpolants, samplers  # noqa: E402
+from stochinterp.oracle import GaussianOracle  # noqa: E402
 
 Settings = samplers.SamplerSettings
 HEUN_STEPS = 10
@@ -39,7 +47,33 @@ TOLERANCE = 1e-5
 CASES = {
     f"heun (N={HEUN_STEPS})": Settings("heun", num_steps=HEUN_STEPS),
     f"dopri5 (rtol=atol={TOLERANCE})": Settings(rtol=TOLERANCE, atol=TOLERANCE),
+    f"dopri5 (rtol=atol={TOLERANCE}, first step 0.01)": Settings(
+        rtol=TOLERANCE, atol=TOLERANCE, first_step=0.01
+    ),
 }
+
+
+def gaussian_setup(seed: int = 0, dim: int = 48, batch: int = 1024):
+    """(params, x0, velocity(params, t, x)): the exact velocity of N(mu, S).
+
+    ``params`` is a scalar gain (1.0), passed as an argument as the network's
+    parameters are; the oracle's matrices are constants of the program.
+    """
+    rng = np.random.default_rng(seed)
+    root = rng.normal(size=(dim, dim)) / np.sqrt(dim)
+    cov = jnp.asarray(root @ root.T + 0.1 * np.eye(dim), jnp.float32)
+    mean = jnp.asarray(rng.normal(size=dim), jnp.float32)
+    oracle = GaussianOracle.independent(mean, cov, interpolants.linear())
+    x0 = jax.random.normal(jax.random.key(seed), (batch, 4, 4, 3))
+
+    def velocity(params, t, x):
+        flat = oracle.velocity(t, x.reshape(x.shape[0], -1))
+        return params * flat.reshape(x.shape)
+
+    return jnp.float32(1.0), x0, velocity
+
+
+FIELDS = {"unet": network_setup, "gaussian": gaussian_setup}
 
 
 def ours(velocity, settings: Settings):
@@ -59,7 +93,7 @@ def theirs(velocity, settings: Settings):
     else:
         solver = diffrax.Dopri5()
         controller = diffrax.PIDController(rtol=settings.rtol, atol=settings.atol)
-        dt0 = None
+        dt0 = settings.first_step
 
     def sample(params, x0):
         solution = diffrax.diffeqsolve(
@@ -99,9 +133,9 @@ def counted(velocity, log):
     return wrapped
 
 
-def compile_here(case: str, library: str) -> None:
+def compile_here(field: str, case: str, library: str) -> None:
     """Prints 'lower_s compile_s' for one sampler, in this (fresh) process."""
-    params, x0, velocity = network_setup()
+    params, x0, velocity = FIELDS[field]()
     jax.block_until_ready(jax.jit(velocity)(params, 0.5, x0))
     make = {"stochinterp": ours, "diffrax": theirs, "floor": floor}[library]
     start = time.perf_counter()
@@ -111,12 +145,14 @@ def compile_here(case: str, library: str) -> None:
     print(f"{middle - start} {time.perf_counter() - middle}")
 
 
-def compile_seconds(case: str, library: str, repeats: int) -> tuple[float, float]:
+def compile_seconds(
+    field: str, case: str, library: str, repeats: int
+) -> tuple[float, float]:
     """Best (lower, compile) seconds over fresh processes."""
     best = (float("inf"), float("inf"))
     for _ in range(repeats):
         out = subprocess.run(
-            [sys.executable, __file__, "--compile", case, library],
+            [sys.executable, __file__, "--field", field, "--compile", case, library],
             check=True,
             capture_output=True,
             text=True,
@@ -131,24 +167,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--compile-repeats", type=int, default=2)
+    parser.add_argument("--field", choices=sorted(FIELDS), default="unet")
     parser.add_argument("--compile", nargs=2, metavar=("CASE", "LIBRARY"))
     args = parser.parse_args()
     if args.compile:
-        compile_here(*args.compile)
+        compile_here(args.field, *args.compile)
         return
 
-    params, x0, velocity = network_setup()
+    params, x0, velocity = FIELDS[args.field]()
     jax.block_until_ready(jax.jit(velocity)(params, 0.5, x0))  # warm up XLA
     implementations = {"stochinterp": ours, "diffrax": theirs}
 
     print(environment())
     print(f"diffrax {diffrax.__version__}, equinox {eqx.__version__}")
+    print(f"field: {args.field}, x0 {x0.shape}")
     print(
         "| sampler | library | trace+lower (s) | XLA compile (s) | run (ms) "
         "| field calls | max diff |"
     )
     print("|---|---|---|---|---|---|---|")
-    lower, compile_ = compile_seconds(next(iter(CASES)), "floor", args.compile_repeats)
+    lower, compile_ = compile_seconds(
+        args.field, next(iter(CASES)), "floor", args.compile_repeats
+    )
     print(
         f"| floor: the network in a plain fori_loop | - | {lower:.2f} | "
         f"{compile_:.2f} | - | - | - |"
@@ -156,7 +196,9 @@ def main() -> None:
     for case, settings in CASES.items():
         compiled, programs, calls, results = {}, {}, {}, {}
         for name, make in implementations.items():
-            compiled[name] = compile_seconds(case, name, args.compile_repeats)
+            compiled[name] = compile_seconds(
+                args.field, case, name, args.compile_repeats
+            )
             log = []
             jax.block_until_ready(
                 jax.jit(make(counted(velocity, log), settings))(params, x0)
