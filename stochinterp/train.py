@@ -374,14 +374,18 @@ class _Logger:
             "mse_by_time_bin": (sums / np.maximum(counts, 1)).round(4).tolist(),
         }
         if jax.process_index() == 0:
+            by_budget = record["eta_s"] < (self.num_steps - step) / max(rate, 1e-9)
             log.info(
-                "step %d/%d  loss %.4f  mse %.4f  %.2f steps/s  ETA %.0fs",
+                "step %d/%d  loss %.4f  mse %.4f (mean of %d steps)  %.2f steps/s  "
+                "ETA %.0fs%s",
                 step,
                 self.num_steps,
                 record["loss"],
                 record["mse"],
+                len(host),
                 rate,
                 record["eta_s"],
+                " (time budget)" if by_budget else "",
             )
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")

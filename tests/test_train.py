@@ -347,8 +347,8 @@ def test_logger_writes_one_line_per_flush_with_rate_and_eta(tmp_path, caplog):
     assert record["eta_s"] == pytest.approx(8 / record["steps_per_s"])
     assert logger.history["loss"] == [3.0, 1.0]
     [line] = [r.getMessage() for r in caplog.records]
-    assert line.startswith("step 12/20  loss 1.0000  mse 4.0000")
-    assert "steps/s" in line and "ETA" in line
+    assert line.startswith("step 12/20  loss 1.0000  mse 4.0000 (mean of 2 steps)")
+    assert "steps/s" in line and "ETA" in line and "time budget" not in line
     with open(tmp_path / "train_log.jsonl") as f:
         assert [json.loads(x)["step"] for x in f] == [12]
     assert logger.flush(13) is None  # nothing pending: nothing written
@@ -359,6 +359,25 @@ def test_eta_ends_at_the_time_budget_when_that_comes_first(tmp_path):
     assert logger._eta(step=100, rate=2.0, now=100.0) == 50.0  # budget: 50 s left
     assert logger._eta(step=990, rate=2.0, now=100.0) == 5.0  # steps: 10 at 2/s
     assert logger._eta(step=100, rate=2.0, now=200.0) == 0.0  # budget spent
+
+
+def test_log_line_says_when_the_time_budget_sets_the_eta(tmp_path, caplog):
+    deadline = time.time() + 30.0
+    logger = train._Logger(str(tmp_path), 0, num_steps=10**9, deadline=deadline)
+    logger.add(
+        {
+            "loss": np.float32(1.0),
+            "mse": np.float32(2.0),
+            "grad_norm": np.float32(1.0),
+            "mse_bin_sums": np.asarray([2.0]),
+            "mse_bin_counts": np.asarray([1]),
+        }
+    )
+    with caplog.at_level(logging.INFO, logger="stochinterp.train"):
+        record = logger.flush(1)
+    assert 0 < record["eta_s"] <= 30.0
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.endswith(f"ETA {record['eta_s']:.0f}s (time budget)")
 
 
 # ------------------------------------------------------------- early stops
