@@ -510,11 +510,6 @@ def _rms(x: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.mean(jnp.square(x)))
 
 
-def _combine(weights: jax.Array, stages: jax.Array) -> jax.Array:
-    """sum_s weights[s] * stages[s] for stages [S, batch, ...]."""
-    return jnp.tensordot(weights.astype(stages.dtype), stages, axes=1)
-
-
 def _dopri5(field, x0, settings):
     """Dormand-Prince 5(4) as one loop over model calls.
 
@@ -524,17 +519,34 @@ def _dopri5(field, x0, settings):
     new step size. The field is traced once.
 
     Only scalars come out of the branch on the row, and the stage buffer is
-    written once per call (the new stage) and never passed into the branch:
+    written once per call (the new stage) and never passed into that branch:
     k0 and the running error sum are separate arrays. So no iteration copies
     the stage buffer, which on a cheap field would cost more than the call.
+    The point of each row is formed in a branch of its own that reads only
+    the stages its row of the tableau weights (1 to 6, not all 7).
     """
     dtype = x0.dtype
     t1 = jnp.float32(settings.t_max)
-    a, c = jnp.asarray(_DP_A, dtype), jnp.asarray(_DP_C, jnp.float32)
+    c = jnp.asarray(_DP_C, jnp.float32)
     # Error weight of the stage a row evaluates (none for row 0 and the probe).
     error_weights = jnp.asarray(np.append(_DP_E, 0.0), dtype).at[0].set(0.0)
     branch = jnp.asarray(_DP_BRANCH)
     no = jnp.bool_(False)
+
+    def make_point(row):
+        # x + h sum_s a[row, s] k_s, summing the nonzero weights only.
+        weights = [(s, float(w)) for s, w in enumerate(_DP_A[row]) if w != 0.0]
+
+        def point(x, k0, stages, h):
+            total = 0.0
+            for s, w in weights:
+                total = total + w * (k0 if s == 0 else stages[s - 1])
+            return x + h.astype(dtype) * total
+
+        return point
+
+    # One branch per row: each reads only the stages its row weights.
+    point_of_row = [make_point(row) for row in range(len(_DP_A))]
 
     # Each branch returns (new h, next row, accepted), reading arrays only.
     def start(x, k0, y, k, error, h, row):
@@ -558,8 +570,7 @@ def _dopri5(field, x0, settings):
         clipped = state.h >= t1 - state.t  # this attempt ends at t_max
         h = jnp.where(row == _PROBE, state.h, jnp.minimum(state.h, t1 - state.t))
         t = jnp.where((row == 6) & clipped, t1, state.t + c[row] * h)
-        increment = a[row, 0] * state.k0 + _combine(a[row, 1:], state.stages)
-        y = state.x + h.astype(dtype) * increment
+        y = jax.lax.switch(row, point_of_row, state.x, state.k0, state.stages, h)
         k = field(t, y)
         stages = state.stages.at[jnp.clip(row - 1, 0, 5)].set(k)
         error = jnp.where(row == 1, _DP_E[0] * state.k0, state.error)
