@@ -16,7 +16,6 @@ import sys
 import time
 
 import _train_worker as worker
-import jax
 import numpy as np
 
 REPO = worker.REPO
@@ -133,21 +132,6 @@ def checkpoint_steps(workdir: str) -> tuple[list[int], list[str]]:
 def restore(workdir: str, root: str, step: int | None = None, **overrides):
     """Restores checkpoint ``step`` (default latest) of ``workdir`` on this
     process's mesh; returns (step, host arrays keyed like a worker dump)."""
-    from stochinterp import checkpointing, couplings, sharding, train
-
     config = worker.make_config(os.path.join(root, "data"), overrides)
-    mesh = sharding.make_mesh()
-    _, _, model, _, optimizer = train.setup(config, mesh)
-    coupling = couplings.from_config(config.coupling)
-    template = jax.eval_shape(
-        lambda: train.init_state(config, model, optimizer, coupling, mesh)
-    )
-    manager = checkpointing.make_manager(
-        os.path.join(workdir, "checkpoints"), 100, async_save=False
-    )
-    try:
-        step = manager.latest_step() if step is None else step
-        state, _ = checkpointing.restore(manager, step, template, mesh)
-    finally:
-        manager.close()
+    step, state = worker.restore_checkpoint(config, workdir, step)
     return step, worker.state_arrays(state)

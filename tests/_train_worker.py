@@ -150,8 +150,9 @@ def _patch_nan(step: int) -> None:
     data_lib.make_loader_from_config = lambda *a, **k: _NanAt(original(*a, **k), step)
 
 
-def _restore_latest(config, workdir: str):
-    """The latest checkpoint of ``workdir`` on this process's mesh."""
+def restore_checkpoint(config, workdir: str, step: int | None = None):
+    """(step, state): checkpoint ``step`` (default: the latest) of ``workdir``
+    restored onto this process's mesh."""
     import jax
 
     from stochinterp import checkpointing, couplings, sharding, train
@@ -165,8 +166,11 @@ def _restore_latest(config, workdir: str):
     manager = checkpointing.make_manager(
         os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints, False
     )
-    step, state, _ = checkpointing.restore_latest(manager, template, mesh)
-    manager.close()
+    try:
+        step = manager.latest_step() if step is None else step
+        state, _ = checkpointing.restore(manager, step, template, mesh)
+    finally:
+        manager.close()
     return step, state
 
 
@@ -204,7 +208,7 @@ def main() -> None:
         _patch_nan(args.nan_at_step)
 
     if args.restore_only:
-        step, state = _restore_latest(config, args.workdir)
+        step, state = restore_checkpoint(config, args.workdir)
         summary = {"step": step, "first_step": step, "preempted": False}
     else:
         result = train.train(config, args.workdir)
