@@ -518,12 +518,13 @@ def _dopri5(field, x0, settings):
     stage, or finishes the step (row 6): error estimate, accept or reject,
     new step size. The field is traced once.
 
-    Only scalars come out of the branch on the row, and the stage buffer is
-    written once per call (the new stage) and never passed into that branch:
-    k0 and the running error sum are separate arrays. So no iteration copies
-    the stage buffer, which on a cheap field would cost more than the call.
-    The point of each row is formed in a branch of its own that reads only
-    the stages its row of the tableau weights (1 to 6, not all 7).
+    Only scalars come out of the step-size branch (start, probe, next stage,
+    finish), and the stage buffer is written once per call (the new stage)
+    and never passed into it: k0 and the running error sum are separate
+    arrays. So no iteration copies the stage buffer, which on a cheap field
+    would cost more than the call. The point where a row evaluates is formed
+    in a branch per row that reads only the stages that row weights (1 to 6,
+    not all 7).
     """
     dtype = x0.dtype
     t1 = jnp.float32(settings.t_max)
