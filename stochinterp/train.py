@@ -345,9 +345,13 @@ class _Logger:
     def add(self, metrics: dict) -> None:
         self.pending.append(metrics)
 
+    def _steps_eta(self, step: int, rate: float) -> float:
+        """Seconds for the remaining steps at this rate."""
+        return (self.num_steps - step) / max(rate, 1e-9)
+
     def _eta(self, step: int, rate: float, now: float) -> float:
         """Seconds left: the remaining steps at this rate, or the budget's end."""
-        eta = (self.num_steps - step) / max(rate, 1e-9)
+        eta = self._steps_eta(step, rate)
         if self.deadline is not None:
             eta = min(eta, max(self.deadline - now, 0.0))
         return eta
@@ -374,7 +378,7 @@ class _Logger:
             "mse_by_time_bin": (sums / np.maximum(counts, 1)).round(4).tolist(),
         }
         if jax.process_index() == 0:
-            by_budget = record["eta_s"] < (self.num_steps - step) / max(rate, 1e-9)
+            by_budget = record["eta_s"] < self._steps_eta(step, rate)
             log.info(
                 "step %d/%d  loss %.4f  mse %.4f (mean of %d steps)  %.2f steps/s  "
                 "ETA %.0fs%s",
