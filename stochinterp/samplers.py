@@ -1,8 +1,8 @@
 """Samplers: integrate the generative ODE or SDE from t_min to t_max.
 
 One entry point, :func:`integrate`, runs one of four integrators on a field
-``velocity(t, x, xi) -> b`` (``t`` a float32 scalar, ``x`` ``[batch, ...]``,
-``xi`` any conditioning pytree):
+``velocity(t, x, xi) -> b`` (``t`` a scalar, float32 unless the state is
+float64; ``x`` ``[batch, ...]``; ``xi`` any conditioning pytree):
 
 - ``'euler'``: N steps on the grid ``t_i = t_min + i (t_max - t_min) / N``,
   N model calls. The field is evaluated at ``t_0 .. t_{N-1}``, never at t_max.
@@ -76,6 +76,12 @@ Field = Callable[[jax.Array, jax.Array, object], jax.Array]
 METHODS = ("euler", "heun", "dopri5", "euler_maruyama")
 FIXED_STEP_METHODS = ("euler", "heun", "euler_maruyama")
 EPS_SCHEDULES = ("constant", "decay", "bump")
+# The fixed-step time grid is a constant of the compiled program.
+MAX_FIXED_STEPS = 2**20
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +136,8 @@ class SamplerSettings:
                 f"eps_schedule {self.eps_schedule!r} is not known; choose one of "
                 f"{list(EPS_SCHEDULES)}"
             )
-        if not self.eps_scale >= 0:
-            raise ValueError(f"eps_scale must be >= 0, got {self.eps_scale}")
+        if not 0 <= self.eps_scale < np.inf:
+            raise ValueError(f"eps_scale must be finite and >= 0, got {self.eps_scale}")
 
     def _check_steps(self):
         if self.method == "dopri5":
@@ -143,21 +149,27 @@ class SamplerSettings:
                 )
             return
         steps = self.num_steps
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+        if not _is_integer(steps):
             raise ValueError(
                 f"method {self.method!r} needs an integer num_steps >= 1, got {steps!r}"
             )
-        if steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {steps}")
+        if not 1 <= steps <= MAX_FIXED_STEPS:
+            raise ValueError(
+                f"num_steps must lie in [1, {MAX_FIXED_STEPS}] (the time grid is a "
+                f"constant of the compiled program), got {steps}"
+            )
 
     def _check_controller(self):
-        if self.rtol < 0 or self.atol < 0 or self.rtol + self.atol <= 0:
+        tolerances = (self.rtol, self.atol)
+        if not all(0 <= tol < np.inf for tol in tolerances) or sum(tolerances) <= 0:
             raise ValueError(
-                f"tolerances must be >= 0 and not both 0, got rtol={self.rtol}, "
-                f"atol={self.atol}"
+                f"tolerances must be finite, >= 0 and not both 0, got "
+                f"rtol={self.rtol}, atol={self.atol}"
             )
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if not _is_integer(self.max_steps) or self.max_steps < 1:
+            raise ValueError(
+                f"max_steps must be an integer >= 1, got {self.max_steps!r}"
+            )
         if self.first_step is not None and not (
             0 < self.first_step <= self.t_max - self.t_min
         ):
@@ -167,9 +179,9 @@ class SamplerSettings:
             )
         if not 0 < self.safety <= 1:
             raise ValueError(f"safety must lie in (0, 1], got {self.safety}")
-        if not 0 < self.min_factor < 1 < self.max_factor:
+        if not 0 < self.min_factor < 1 < self.max_factor < np.inf:
             raise ValueError(
-                "step factors must satisfy 0 < min_factor < 1 < max_factor, got "
+                "step factors must satisfy 0 < min_factor < 1 < max_factor < inf, got "
                 f"min_factor={self.min_factor}, max_factor={self.max_factor}"
             )
 
@@ -201,7 +213,8 @@ class SamplerInfo:
     Attributes:
       nfe: [] int32 field calls made (velocity and score together).
       nfe_score: [] int32 of which score calls.
-      t_final: [] float32 time reached; t_max exactly when ``success``.
+      t_final: [] time reached (float32; float64 for a float64 state); t_max
+        exactly when ``success``.
       accepted_steps: [] int32 steps taken.
       rejected_steps: [] int32 steps rejected by the controller (Dopri5).
       success: [] bool, False when Dopri5 ran out of ``max_steps`` before
@@ -229,19 +242,21 @@ def eps_schedule(name: str, scale: float) -> Callable[[jax.Array], jax.Array]:
     )
 
 
-def time_grid(settings: SamplerSettings) -> tuple[np.ndarray, np.ndarray]:
+def time_grid(
+    settings: SamplerSettings, dtype=np.float32
+) -> tuple[np.ndarray, np.ndarray]:
     """The fixed-step grid, computed in float64 from the step index.
 
     Returns:
-      times: [N + 1] float32, ``t_min + i (t_max - t_min) / N``; the last entry
-        is t_max exactly.
-      steps: [N] float32 step sizes ``t_{i+1} - t_i``.
+      times: [N + 1] in ``dtype``, ``t_min + i (t_max - t_min) / N``; the last
+        entry is t_max exactly.
+      steps: [N] in ``dtype``, the step sizes ``t_{i+1} - t_i``.
     """
     n = settings.num_steps
     span = settings.t_max - settings.t_min
     times = settings.t_min + np.arange(n + 1, dtype=np.float64) * span / n
     times[-1] = settings.t_max
-    return times.astype(np.float32), np.diff(times).astype(np.float32)
+    return times.astype(dtype), np.diff(times).astype(dtype)
 
 
 def integrate(
@@ -260,7 +275,7 @@ def integrate(
     use :func:`make_sampler`.
 
     Args:
-      velocity: b(t, x, xi) with t a float32 scalar.
+      velocity: b(t, x, xi) with t a scalar of the time precision (below).
       x0: [batch, ...] start points.
       xi: conditioning pytree handed to the fields unchanged.
       settings: the integrator and its parameters.
@@ -269,34 +284,45 @@ def integrate(
         ``fields.score_from_velocity`` for gamma = 0 couplings); ignored by
         the ODE methods.
       key: PRNG key for the Euler-Maruyama noise; ignored by the ODE methods.
-      mask: 1 = known, broadcasting against x0 (``[batch, H, W, 1]`` for
-        images). Every update is multiplied by (1 - mask): known entries stay
-        bit-identical to x0.
+      mask: 1 = known, 0 = to generate, broadcasting against x0
+        (``[batch, H, W, 1]`` for images); no other values (checked when the
+        mask is a concrete array, i.e. outside jit). Known entries get no
+        update: they stay bit-identical to x0.
 
     Returns:
-      x1: [batch, ...] the samples at t_max. The state keeps the dtype of x0;
-        field outputs are cast to it.
+      x1: [batch, ...] the samples at t_max, in the dtype of x0. A float32 or
+        float64 x0 is integrated in its own precision; bfloat16 and float16
+        are integrated in float32 and the result cast back. Time runs in the
+        same precision (float64 only for a float64 state); field outputs are
+        cast to it.
       info: a :class:`SamplerInfo`.
+
+    Raises:
+      ValueError: on a bad x0, mask, key or missing score; while tracing, when
+        a field returns an array whose shape is not the state's.
     """
     _check_inputs(x0, settings, score, key, mask)
+    work = jnp.promote_types(x0.dtype, jnp.float32)
     # A where, not a product: a non-finite update must not reach known pixels.
     frozen = None if mask is None else mask > 0
 
     def field(t, x):
-        b = velocity(t, x, xi).astype(x0.dtype)
-        return b if frozen is None else jnp.where(frozen, 0.0, b).astype(x0.dtype)
-
-    if settings.method == "euler":
-        return _euler(field, x0, settings)
-    if settings.method == "heun":
-        return _heun(field, x0, settings)
-    if settings.method == "dopri5":
-        return _dopri5(field, x0, settings)
+        b = _checked_output(velocity(t, x, xi), x, "velocity").astype(work)
+        return b if frozen is None else jnp.where(frozen, 0.0, b).astype(work)
 
     def score_field(t, x):
-        return score(t, x, xi).astype(x0.dtype)
+        return _checked_output(score(t, x, xi), x, "score").astype(work)
 
-    return _euler_maruyama(field, score_field, x0, settings, key, frozen)
+    start = x0.astype(work)
+    if settings.method == "euler":
+        x1, info = _euler(field, start, settings)
+    elif settings.method == "heun":
+        x1, info = _heun(field, start, settings)
+    elif settings.method == "dopri5":
+        x1, info = _dopri5(field, start, settings)
+    else:
+        x1, info = _euler_maruyama(field, score_field, start, settings, key, frozen)
+    return x1.astype(x0.dtype), info
 
 
 def make_sampler(
@@ -321,12 +347,19 @@ def make_sampler(
         return integrate(velocity, x0, xi, settings, score=score, key=key, mask=mask)
 
     if mesh is None:
-        return jax.jit(sample)
+        jitted_sample = jax.jit(sample)
+
+        def checked_sample(x0, xi, key=None, mask=None):
+            _check_mask_values(mask)
+            return jitted_sample(x0, xi, key, mask)
+
+        return checked_sample
     batch_sharding = sharding.batch_sharding(mesh)
     jitted = jax.jit(sample, out_shardings=(batch_sharding, sharding.replicated(mesh)))
 
     def sharded_sample(x0, xi, key=None, mask=None):
         sharding.check_global_batch(x0.shape[0], mesh)
+        _check_mask_values(mask)
 
         def place(a):
             split = jnp.ndim(a) >= 1 and a.shape[0] == x0.shape[0]
@@ -373,6 +406,12 @@ def _check_inputs(x0, settings, score, key, mask) -> None:
     _check_fields(settings, score)
     if jnp.ndim(x0) < 1:
         raise ValueError(f"x0 must be [batch, ...], got shape {jnp.shape(x0)}")
+    if jnp.size(x0) == 0:
+        raise ValueError(f"x0 of shape {jnp.shape(x0)} is empty")
+    if not jnp.issubdtype(jnp.result_type(x0), jnp.floating):
+        raise ValueError(
+            f"x0 must be a floating-point array, got dtype {jnp.result_type(x0)}"
+        )
     if settings.needs_score and key is None:
         raise ValueError(
             "method 'euler_maruyama' with eps_scale > 0 needs a PRNG key, got None"
@@ -387,32 +426,63 @@ def _check_inputs(x0, settings, score, key, mask) -> None:
                 f"mask of shape {jnp.shape(mask)} does not broadcast against x0 "
                 f"of shape {jnp.shape(x0)}"
             )
+        _check_mask_values(mask)
+
+
+def _check_mask_values(mask) -> None:
+    """Raises unless a concrete mask holds only 0 and 1 (traced masks pass)."""
+    if mask is None or isinstance(mask, jax.core.Tracer):
+        return
+    if isinstance(mask, jax.Array) and not mask.is_fully_addressable:
+        return
+    values = np.asarray(mask)
+    bad = values[(values != 0) & (values != 1)]
+    if bad.size:
+        raise ValueError(
+            f"mask must hold only 0 (to generate) and 1 (known), got "
+            f"{bad.size} other values, e.g. {np.unique(bad)[:5].tolist()}"
+        )
+
+
+def _checked_output(b, x: jax.Array, name: str) -> jax.Array:
+    """The field's output, if it has the state's shape and a float dtype."""
+    if jnp.shape(b) != x.shape:
+        raise ValueError(
+            f"the {name} field returned shape {jnp.shape(b)} for a state of "
+            f"shape {x.shape}; it must return the state's shape"
+        )
+    if not jnp.issubdtype(jnp.result_type(b), jnp.floating):
+        raise ValueError(
+            f"the {name} field returned dtype {jnp.result_type(b)}; expected a "
+            "floating-point array"
+        )
+    return b
 
 
 def _info(nfe, nfe_score, t_final, accepted, rejected, success) -> SamplerInfo:
     return SamplerInfo(
         nfe=jnp.asarray(nfe, jnp.int32),
         nfe_score=jnp.asarray(nfe_score, jnp.int32),
-        t_final=jnp.asarray(t_final, jnp.float32),
+        t_final=jnp.asarray(t_final),
         accepted_steps=jnp.asarray(accepted, jnp.int32),
         rejected_steps=jnp.asarray(rejected, jnp.int32),
         success=jnp.asarray(success, jnp.bool_),
     )
 
 
-def _fixed_info(settings: SamplerSettings, nfe: int, nfe_score: int = 0):
-    t_final = np.float32(settings.t_max)
+def _fixed_info(settings: SamplerSettings, dtype, nfe: int, nfe_score: int = 0):
+    t_final = np.asarray(settings.t_max, dtype)
     return _info(nfe, nfe_score, t_final, settings.num_steps, 0, True)
 
 
 def _euler(field, x0, settings):
-    times, steps = map(jnp.asarray, time_grid(settings))
+    times, steps = map(jnp.asarray, time_grid(settings, x0.dtype))
 
     def step(i, x):
         return x + steps[i] * field(times[i], x)
 
     x1 = jax.lax.fori_loop(0, settings.num_steps, step, x0)
-    return x1, _fixed_info(settings, settings.num_steps)
+    return x1, _fixed_info(settings, x0.dtype, settings.num_steps)
 
 
 def _heun(field, x0, settings):
@@ -423,7 +493,7 @@ def _heun(field, x0, settings):
     and sets x_{i+1} = x_i + h_i (k1 + k2) / 2. The loop ends with the
     predictor of step N - 1, whose proposal is the Euler last step.
     """
-    times, steps = map(jnp.asarray, time_grid(settings))
+    times, steps = map(jnp.asarray, time_grid(settings, x0.dtype))
     nfe = 2 * settings.num_steps - 1
 
     def call(j, state):
@@ -438,7 +508,7 @@ def _heun(field, x0, settings):
         return x, y, k1
 
     _, x1, _ = jax.lax.fori_loop(0, nfe, call, (x0, x0, jnp.zeros_like(x0)))
-    return x1, _fixed_info(settings, nfe)
+    return x1, _fixed_info(settings, x0.dtype, nfe)
 
 
 def _euler_maruyama(field, score, x0, settings, key, frozen):
@@ -449,11 +519,11 @@ def _euler_maruyama(field, score, x0, settings, key, frozen):
     merges a score built from the same network call (``score_from_velocity``,
     or a denoiser head of the velocity network) with the velocity call.
     """
-    times, steps = map(jnp.asarray, time_grid(settings))
+    times, steps = map(jnp.asarray, time_grid(settings, x0.dtype))
     n = settings.num_steps
     if not settings.needs_score:
         x1, _ = _euler(field, x0, settings)
-        return x1, _fixed_info(settings, n)
+        return x1, _fixed_info(settings, x0.dtype, n)
     eps = eps_schedule(settings.eps_schedule, settings.eps_scale)
 
     def step(i, x):
@@ -468,7 +538,7 @@ def _euler_maruyama(field, score, x0, settings, key, frozen):
         return x + h * b + stochastic
 
     x1 = jax.lax.fori_loop(0, n, step, x0)
-    return x1, _fixed_info(settings, 2 * n, n)
+    return x1, _fixed_info(settings, x0.dtype, 2 * n, n)
 
 
 # Dormand-Prince 5(4). Row s of _DP_A gives the point of stage s from the
@@ -494,9 +564,9 @@ _DP_BRANCH = np.array([0, 2, 2, 2, 2, 2, 3, 1])
 
 
 class _Dopri5State(NamedTuple):
-    t: jax.Array  # [] float32 time of the last accepted step
+    t: jax.Array  # [] time of the last accepted step (the state's dtype)
     x: jax.Array  # [batch, ...] state at t
-    h: jax.Array  # [] float32 step size of the current attempt
+    h: jax.Array  # [] step size of the current attempt (the state's dtype)
     k0: jax.Array  # [batch, ...] field at (t, x)
     stages: jax.Array  # [6, batch, ...] stages 1..6 of the current attempt
     error: jax.Array  # [batch, ...] sum_s _DP_E[s] k_s over the stages so far
@@ -526,9 +596,9 @@ def _dopri5(field, x0, settings):
     in a branch per row that reads only the stages that row weights (1 to 6,
     not all 7).
     """
-    dtype = x0.dtype
-    t1 = jnp.float32(settings.t_max)
-    c = jnp.asarray(_DP_C, jnp.float32)
+    dtype = x0.dtype  # of the state and of time
+    t1 = jnp.asarray(settings.t_max, dtype)
+    c = jnp.asarray(_DP_C, dtype)
     # Error weight of the stage a row evaluates (none for row 0 and the probe).
     error_weights = jnp.asarray(np.append(_DP_E, 0.0), dtype).at[0].set(0.0)
     branch = jnp.asarray(_DP_BRANCH)
@@ -552,7 +622,7 @@ def _dopri5(field, x0, settings):
     # Each branch returns (new h, next row, accepted), reading arrays only.
     def start(x, k0, y, k, error, h, row):
         if settings.first_step is not None:
-            return jnp.float32(settings.first_step), jnp.int32(1), no
+            return jnp.asarray(settings.first_step, dtype), jnp.int32(1), no
         return _first_step_guess(x, k, settings), jnp.int32(_PROBE), no
 
     def probe(x, k0, y, k, error, h, row):
@@ -564,7 +634,7 @@ def _dopri5(field, x0, settings):
     def finish(x, k0, y, k, error, h, row):
         scale = settings.atol + settings.rtol * jnp.maximum(jnp.abs(x), jnp.abs(y))
         ok, factor = _controller(_rms(h * error / scale), settings)
-        return (h * factor).astype(jnp.float32), jnp.int32(1), ok
+        return (h * factor).astype(dtype), jnp.int32(1), ok
 
     def call(state):
         row = state.row
@@ -609,9 +679,9 @@ def _dopri5(field, x0, settings):
 
     zero = jnp.int32(0)
     state = _Dopri5State(
-        t=jnp.float32(settings.t_min),
+        t=jnp.asarray(settings.t_min, dtype),
         x=x0,
-        h=jnp.float32(0.0),
+        h=jnp.asarray(0.0, dtype),
         k0=jnp.zeros_like(x0),
         stages=jnp.zeros((6,) + x0.shape, dtype),
         error=jnp.zeros_like(x0),
@@ -646,7 +716,7 @@ def _first_step_guess(x0, k0, settings) -> jax.Array:
     scale = settings.atol + settings.rtol * jnp.abs(x0)
     d0, d1 = _rms(x0 / scale), _rms(k0 / scale)
     h0 = jnp.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
-    return jnp.minimum(h0, settings.t_max - settings.t_min).astype(jnp.float32)
+    return jnp.minimum(h0, settings.t_max - settings.t_min).astype(x0.dtype)
 
 
 def _first_step(x0, k0, k_probe, h0, settings) -> jax.Array:
@@ -661,4 +731,4 @@ def _first_step(x0, k0, k_probe, h0, settings) -> jax.Array:
         (0.01 / jnp.maximum(biggest, 1e-15)) ** 0.2,
     )
     h = jnp.minimum(jnp.minimum(100.0 * h0, h1), settings.t_max - settings.t_min)
-    return h.astype(jnp.float32)
+    return h.astype(x0.dtype)

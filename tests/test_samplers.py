@@ -429,6 +429,13 @@ def test_guided_field_samples_closed_form_and_counts_one_call_per_step():
         ({"min_factor": 2.0}, "min_factor"),
         ({"method": "euler_maruyama", "num_steps": 4, "eps_scale": -1.0}, "-1.0"),
         ({"method": "euler_maruyama", "num_steps": 4, "eps_schedule": "x"}, "'x'"),
+        ({"rtol": float("nan")}, "rtol=nan"),
+        ({"atol": float("inf")}, "atol=inf"),
+        ({"max_steps": 2.5}, "max_steps.*2.5"),
+        ({"max_factor": float("inf")}, "max_factor=inf"),
+        ({"safety": float("nan")}, "safety"),
+        ({"method": "euler", "num_steps": 10**12}, "1000000000000"),
+        ({"method": "euler_maruyama", "num_steps": 4, "eps_scale": np.inf}, "inf"),
     ],
 )
 def test_contradictory_settings_raise(kwargs, message):
@@ -447,6 +454,75 @@ def test_missing_inputs_raise_before_work():
         samplers.integrate(_toy_velocity, x0, {}, em, score=_toy_score)
     with pytest.raises(ValueError, match=r"\(4,\)"):
         samplers.integrate(_toy_velocity, x0, {}, Settings(), mask=jnp.ones(4))
+
+
+KEY = jax.random.key(0)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun", "dopri5", "euler_maruyama"])
+def test_field_of_the_wrong_shape_raises_while_tracing(method):
+    steps = None if method == "dopri5" else 3
+    settings = Settings(method=method, num_steps=steps)
+    x0 = jnp.ones((4, 3))
+    one_channel = lambda t, x, xi: jnp.ones((4, 1))  # noqa: E731
+    with pytest.raises(ValueError, match=r"velocity field returned shape \(4, 1\)"):
+        samplers.integrate(one_channel, x0, {}, settings, score=_toy_score, key=KEY)
+    if method == "euler_maruyama":
+        with pytest.raises(ValueError, match=r"score field returned shape \(3,\)"):
+            samplers.integrate(
+                _toy_velocity, x0, {}, settings, score=lambda t, x, xi: x[0], key=KEY
+            )
+
+
+@pytest.mark.parametrize(
+    "x0, message",
+    [
+        (jnp.ones((2, 3), jnp.int32), "floating-point.*int32"),
+        (jnp.ones((0, 3)), r"\(0, 3\) is empty"),
+    ],
+)
+def test_bad_base_sample_raises(x0, message):
+    for settings in (Settings(), Settings("euler", num_steps=2)):
+        with pytest.raises(ValueError, match=message):
+            samplers.integrate(_toy_velocity, x0, {}, settings)
+
+
+def test_mask_must_be_binary():
+    x0 = jnp.ones((2, 3))
+    for value in (0.5, 2.0, -1.0, np.nan):
+        mask = jnp.zeros((2, 3)).at[0, 0].set(value)
+        with pytest.raises(ValueError, match="only 0 .* and 1"):
+            samplers.integrate(_toy_velocity, x0, {}, Settings(), mask=mask)
+        sample = samplers.make_sampler(_toy_velocity, Settings("euler", num_steps=2))
+        with pytest.raises(ValueError, match="only 0 .* and 1"):
+            sample(x0, {}, mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("method", ["euler", "heun", "dopri5", "euler_maruyama"])
+def test_low_precision_state_is_integrated_in_float32(method, dtype):
+    """b = -x from t=0 to 1: the float32 run, rounded once to x0's dtype."""
+    steps = None if method == "dopri5" else 8
+    settings = Settings(method=method, num_steps=steps, t_min=0.0, t_max=1.0)
+    x0 = jax.random.normal(KEY, (4, 3)).astype(dtype)
+    decay = lambda t, x, xi: -x  # noqa: E731
+    run = lambda x: samplers.integrate(  # noqa: E731
+        decay, x, {}, settings, score=_toy_score, key=KEY
+    )[0]
+    x1 = run(x0)
+    assert x1.dtype == dtype
+    np.testing.assert_array_equal(x1, run(x0.astype(jnp.float32)).astype(dtype))
+
+
+def test_float64_state_integrates_in_float64():
+    """Dopri5 at rtol = atol = 1e-12 on b = -x meets its tolerance in float64."""
+    with jax.enable_x64(True):
+        settings = Settings(rtol=1e-12, atol=1e-12, t_min=0.1, t_max=0.9)
+        x0 = jnp.linspace(-1.0, 1.0, 6, dtype=jnp.float64).reshape(2, 3)
+        x1, info = samplers.integrate(lambda t, x, xi: -x, x0, {}, settings)
+        assert x1.dtype == jnp.float64 and info.t_final.dtype == jnp.float64
+        assert float(info.t_final) == 0.9 and bool(info.success)
+        np.testing.assert_allclose(x1, x0 * np.exp(-0.8), rtol=0, atol=1e-10)
 
 
 def test_settings_from_config_and_static_jit():
