@@ -11,8 +11,15 @@ the whole jitted sampler, each measured in a fresh process after one forward
 pass of the network has been compiled there; best of ``--compile-repeats``),
 the run time (fastest of several rounds, alternating
 between the two implementations), the number of field calls (counted by a
-callback in a separate run, for both libraries) and the largest difference
-between the two results.
+callback in a separate run, for both libraries), the largest difference
+between the two results, and each result's error: its largest difference
+from a tight solution (diffrax's Tsit5 at rtol = atol = 1e-8).
+
+The last Dopri5 case gives both libraries the same error test: diffrax's
+Dopri5 estimates the local error with Shampine's embedded formula, exactly
+2/3 of the classical Dormand-Prince estimate that ours uses, so its test at
+tolerance tol is ours at 1.5 tol. With the same first step both then take the
+same steps, and the two results agree to round-off.
 
 diffrax is a benchmark-only dependency (``pip install -e '.[bench]'``);
 the library never imports it.
@@ -44,12 +51,32 @@ from stochinterp.oracle import GaussianOracle  # noqa: E402
 Settings = samplers.SamplerSettings
 HEUN_STEPS = 10
 TOLERANCE = 1e-5
+# diffrax's Dopri5 estimates the local error with Shampine's embedded formula,
+# whose weights are exactly 2/3 of the classical Dormand-Prince ones that we
+# use; its test at tolerance tol is therefore ours at tol * 3/2.
+SHAMPINE_RATIO = 1.5
+REFERENCE_TOLERANCE = 1e-8
+
+
+def _same(settings: Settings) -> dict[str, Settings]:
+    return {"stochinterp": settings, "diffrax": settings}
+
+
+# Each case gives the settings of both libraries.
 CASES = {
-    f"heun (N={HEUN_STEPS})": Settings("heun", num_steps=HEUN_STEPS),
-    f"dopri5 (rtol=atol={TOLERANCE})": Settings(rtol=TOLERANCE, atol=TOLERANCE),
-    f"dopri5 (rtol=atol={TOLERANCE}, first step 0.01)": Settings(
-        rtol=TOLERANCE, atol=TOLERANCE, first_step=0.01
+    f"heun (N={HEUN_STEPS})": _same(Settings("heun", num_steps=HEUN_STEPS)),
+    f"dopri5 (rtol=atol={TOLERANCE})": _same(Settings(rtol=TOLERANCE, atol=TOLERANCE)),
+    f"dopri5 (rtol=atol={TOLERANCE}, first step 0.01)": _same(
+        Settings(rtol=TOLERANCE, atol=TOLERANCE, first_step=0.01)
     ),
+    "dopri5 (same error test, first step 0.01)": {
+        "stochinterp": Settings(
+            rtol=SHAMPINE_RATIO * TOLERANCE,
+            atol=SHAMPINE_RATIO * TOLERANCE,
+            first_step=0.01,
+        ),
+        "diffrax": Settings(rtol=TOLERANCE, atol=TOLERANCE, first_step=0.01),
+    },
 }
 
 
@@ -113,6 +140,35 @@ def theirs(velocity, settings: Settings):
     return sample
 
 
+def reference(velocity, settings: Settings):
+    """A tight solution to measure both libraries' errors against.
+
+    diffrax's Tsit5 (a third method) at rtol = atol = 1e-8 over the same
+    interval; in float32 this is exact to about 1e-6.
+    """
+    term = diffrax.ODETerm(lambda t, y, params: velocity(params, t, y))
+    controller = diffrax.PIDController(
+        rtol=REFERENCE_TOLERANCE, atol=REFERENCE_TOLERANCE
+    )
+
+    def sample(params, x0):
+        solution = diffrax.diffeqsolve(
+            term,
+            diffrax.Tsit5(),
+            settings.t_min,
+            settings.t_max,
+            None,
+            x0,
+            args=params,
+            stepsize_controller=controller,
+            saveat=diffrax.SaveAt(t1=True),
+            max_steps=100_000,
+        )
+        return solution.ys[0]
+
+    return sample
+
+
 def floor(velocity, settings: Settings):
     """The least any sampler can compile: the network once, in a loop."""
 
@@ -139,7 +195,8 @@ def compile_here(field: str, case: str, library: str) -> None:
     jax.block_until_ready(jax.jit(velocity)(params, 0.5, x0))
     make = {"stochinterp": ours, "diffrax": theirs, "floor": floor}[library]
     start = time.perf_counter()
-    lowered = jax.jit(make(velocity, CASES[case])).lower(params, x0)
+    settings = CASES[case].get(library, next(iter(CASES[case].values())))
+    lowered = jax.jit(make(velocity, settings)).lower(params, x0)
     middle = time.perf_counter()
     lowered.compile()
     print(f"{middle - start} {time.perf_counter() - middle}")
@@ -183,16 +240,17 @@ def main() -> None:
     print(f"field: {args.field}, x0 {x0.shape}")
     print(
         "| sampler | library | trace+lower (s) | XLA compile (s) | run (ms) "
-        "| field calls | max diff |"
+        "| field calls | max diff | error |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     lower, compile_ = compile_seconds(
         args.field, next(iter(CASES)), "floor", args.compile_repeats
     )
     print(
         f"| floor: the network in a plain fori_loop | - | {lower:.2f} | "
-        f"{compile_:.2f} | - | - | - |"
+        f"{compile_:.2f} | - | - | - | - |"
     )
+    exact = jax.jit(reference(velocity, Settings()))(params, x0)
     for case, settings in CASES.items():
         compiled, programs, calls, results = {}, {}, {}, {}
         for name, make in implementations.items():
@@ -201,11 +259,11 @@ def main() -> None:
             )
             log = []
             jax.block_until_ready(
-                jax.jit(make(counted(velocity, log), settings))(params, x0)
+                jax.jit(make(counted(velocity, log), settings[name]))(params, x0)
             )
             jax.effects_barrier()
             calls[name] = len(log)
-            programs[name] = jax.jit(make(velocity, settings))
+            programs[name] = jax.jit(make(velocity, settings[name]))
             results[name] = programs[name](params, x0)
         runs = {name: [] for name in programs}
         for _ in range(args.rounds):
@@ -215,9 +273,11 @@ def main() -> None:
         difference = float(jnp.abs(first - second).max())
         for name in programs:
             lower, compile_ = compiled[name]
+            error = float(jnp.abs(results[name] - exact).max())
             print(
                 f"| {case} | {name} | {lower:.2f} | {compile_:.2f} | "
-                f"{1e3 * min(runs[name]):.1f} | {calls[name]} | {difference:.1e} |"
+                f"{1e3 * min(runs[name]):.1f} | {calls[name]} | {difference:.1e} "
+                f"| {error:.1e} |"
             )
 
 

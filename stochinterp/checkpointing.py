@@ -77,19 +77,31 @@ def save(
     step: int,
     state,
     data_state: dict | None = None,
-    force: bool = False,
 ) -> None:
     """Saves ``state`` (and the data iterator state) as checkpoint ``step``.
 
+    Steps only move forward: ``step`` must be after every step already in the
+    directory, so the latest checkpoint is always the newest state.
+
     Raises:
-      FloatingPointError: if any floating leaf of the state is not finite;
-        nothing is written then.
+      ValueError: if ``step`` is not after the latest saved step.
+      FloatingPointError: if any floating leaf of the state is not finite.
+      RuntimeError: if the manager declined to write.
+      Nothing is written in any of these cases.
     """
+    latest = manager.latest_step()
+    if latest is not None and step <= latest:
+        raise ValueError(
+            f"checkpoint step {step} is not after the latest saved step {latest} "
+            f"in {manager.directory}; steps must increase"
+        )
     check_finite(state)
     items = {"state": ocp.args.StandardSave(state)}
     if data_state is not None:
         items["data"] = ocp.args.JsonSave(data_state)
-    manager.save(step, args=ocp.args.Composite(**items), force=force)
+    # Saving is the caller's decision: force past the manager's own policy.
+    if not manager.save(step, args=ocp.args.Composite(**items), force=True):
+        raise RuntimeError(f"the checkpoint manager did not save step {step}")
 
 
 def abstract_like(state, mesh: Mesh):

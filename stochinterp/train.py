@@ -459,7 +459,7 @@ class _Loop:
                 _raise_if_bad(state, self.manager)
             if save_now or stop:
                 data_state = self.loader.get_state()
-                checkpointing.save(self.manager, step, state, data_state, force=True)
+                checkpointing.save(self.manager, step, state, data_state)
             if stop:
                 break
         return state, step

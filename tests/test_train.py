@@ -299,6 +299,19 @@ def test_a_state_with_a_nan_is_never_saved(tmp_path):
     manager.close()
 
 
+def test_a_step_not_after_the_latest_is_refused(tmp_path):
+    optimizer = optax.adam(1e-3)
+    state = toy_state(optimizer)
+    manager = checkpointing.make_manager(str(tmp_path / "ckpt"), 3, async_save=True)
+    checkpointing.save(manager, 5, state, {"next_index": 5})
+    for step in (5, 3):
+        with pytest.raises(ValueError, match=f"step {step} is not after .* step 5"):
+            checkpointing.save(manager, step, state, {"next_index": step})
+    manager.wait_until_finished()
+    assert manager.all_steps() == [5]
+    manager.close()
+
+
 def test_state_and_data_position_round_trip(tmp_path):
     mesh = sharding.make_mesh()
     optimizer = optax.adam(1e-3)
