@@ -36,6 +36,7 @@ from collections.abc import Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @flax.struct.dataclass
@@ -79,6 +80,14 @@ def _check_probability(name: str, p: float) -> None:
 def _check_positive_int(name: str, n: int) -> None:
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"{name} must be a positive integer, got {n!r}")
+
+
+def _check_data(x1: jax.Array) -> None:
+    if not jnp.issubdtype(jnp.result_type(x1), jnp.floating):
+        raise ValueError(
+            f"x1 must be floating-point images in [-1, 1], got dtype "
+            f"{jnp.result_type(x1)}"
+        )
 
 
 def _check_divisible(x_shape: tuple, n: int, what: str) -> None:
@@ -153,6 +162,7 @@ class IndependentCoupling:
     def __call__(
         self, key: jax.Array, x1: jax.Array, labels: jax.Array | None = None
     ) -> CouplingSample:
+        _check_data(x1)
         key_noise, key_cond = jax.random.split(key)
         x0 = jax.random.normal(key_noise, x1.shape, x1.dtype)
         cond = None
@@ -204,8 +214,9 @@ class InpaintingCoupling:
     def __call__(
         self, key: jax.Array, x1: jax.Array, labels: jax.Array | None = None
     ) -> CouplingSample:
+        _check_data(x1)
         key_mask, key_noise = jax.random.split(key)
-        mask = tile_mask(key_mask, x1.shape, self.grid, self.p)
+        mask = tile_mask(key_mask, x1.shape, self.grid, self.p).astype(x1.dtype)
         zeta = jax.random.normal(key_noise, x1.shape, x1.dtype)
         center = mask * x1
         x0 = center + (1.0 - mask) * zeta
@@ -233,8 +244,10 @@ class SuperResolutionCoupling:
 
     def __post_init__(self):
         _check_positive_int("super-resolution factor", self.factor)
-        if not self.sigma >= 0:
-            raise ValueError(f"super-resolution sigma must be >= 0, got {self.sigma}")
+        if not 0 <= self.sigma < float("inf"):
+            raise ValueError(
+                f"super-resolution sigma must be finite and >= 0, got {self.sigma}"
+            )
 
     def check_image_shape(self, shape: tuple) -> None:
         _check_divisible(tuple(shape), self.factor, "super-resolution factor")
@@ -246,6 +259,7 @@ class SuperResolutionCoupling:
     def __call__(
         self, key: jax.Array, x1: jax.Array, labels: jax.Array | None = None
     ) -> CouplingSample:
+        _check_data(x1)
         center = self.low_resolution(x1)
         zeta = jax.random.normal(key, x1.shape, x1.dtype)
         return CouplingSample(
@@ -286,6 +300,15 @@ class ClassConditioning:
     ) -> CouplingSample:
         if labels is None:
             raise ValueError("a class-conditional coupling needs labels, got None")
+        labels = jnp.asarray(labels)
+        if not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise ValueError(f"class labels must be integers, got dtype {labels.dtype}")
+        if labels.shape != jnp.shape(x1)[:1]:
+            raise ValueError(
+                f"class labels of shape {labels.shape} do not match x1 of shape "
+                f"{jnp.shape(x1)}; expected shape ({jnp.shape(x1)[0]},)"
+            )
+        _check_label_values(labels, self.num_classes)
         key_base, key_drop = jax.random.split(key)
         sample = self.base(key_base, x1, None)
         labels = labels.astype(jnp.int32)
@@ -297,6 +320,23 @@ class ClassConditioning:
     @property
     def cond_channels_per_image_channel(self) -> tuple[int, int]:
         return self.base.cond_channels_per_image_channel
+
+
+def _check_label_values(labels: jax.Array, num_classes: int) -> None:
+    """Raises unless concrete labels lie in [0, num_classes) (traced ones pass).
+
+    ``num_classes`` itself is the null class: it is what the label drop
+    writes, never a label of the data.
+    """
+    if isinstance(labels, jax.core.Tracer) or not labels.is_fully_addressable:
+        return
+    values = np.asarray(labels)
+    bad = values[(values < 0) | (values >= num_classes)]
+    if bad.size:
+        raise ValueError(
+            f"class labels must lie in [0, num_classes = {num_classes}) "
+            f"({num_classes} is the null class), got {np.unique(bad)[:5].tolist()}"
+        )
 
 
 def without_label_drop(coupling: Coupling) -> Coupling:

@@ -177,6 +177,31 @@ def test_bad_arguments_raise_naming_the_value():
         ClassConditioning(InpaintingCoupling(), 0)
 
 
+def test_bad_labels_and_data_raise_naming_the_value():
+    key = jax.random.key(0)
+    x1 = jnp.zeros((2, 8, 8, 3))
+    classes = ClassConditioning(IndependentCoupling(), num_classes=10)
+    for labels, message in [
+        (np.array([10, 3]), r"\[0, num_classes = 10\).*got \[10\]"),
+        (np.array([-1, 3]), r"got \[-1\]"),
+        (np.array([2.7, 3.0]), "integers, got dtype float"),
+        (np.array([1, 2, 3]), r"shape \(3,\).*expected shape \(2,\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            classes(key, x1, labels)
+    for coupling in (
+        IndependentCoupling(),
+        InpaintingCoupling(grid=4),
+        SuperResolutionCoupling(factor=2),
+    ):
+        with pytest.raises(ValueError, match="floating-point.*int32"):
+            coupling(key, jnp.zeros((2, 8, 8, 3), jnp.int32))
+        sample = coupling(key, x1.astype(jnp.bfloat16))
+        assert sample.x0.dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="sigma.*inf"):
+        SuperResolutionCoupling(sigma=float("inf"))
+
+
 def _config(**overrides):
     config = ml_collections.ConfigDict(
         dict(
