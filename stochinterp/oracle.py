@@ -89,12 +89,29 @@ class GaussianOracle:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, jnp.asarray(value, dtype))
+        if self.mu1.ndim != 1:
+            raise ValueError(f"mu1 must be a vector [d], got shape {self.mu1.shape}")
         d = self.mu1.shape[0]
         for name in ("S1", "A", "S_s"):
             if getattr(self, name).shape != (d, d):
                 raise ValueError(
                     f"{name} must have shape ({d}, {d}) to match mu1, got "
                     f"{getattr(self, name).shape}"
+                )
+        for name in ("c", "known"):
+            value = getattr(self, name)
+            if value is not None and value.shape != (d,):
+                raise ValueError(
+                    f"{name} must have shape ({d},) to match mu1, got {value.shape}"
+                )
+        for name in ("S1", "S_s"):
+            _check_covariance(name, getattr(self, name))
+        if self.known is not None and _is_concrete(self.known):
+            values = np.asarray(self.known)
+            if not np.isin(values, (0.0, 1.0)).all():
+                raise ValueError(
+                    "known must hold only 0 and 1, got "
+                    f"{np.unique(values[~np.isin(values, (0.0, 1.0))])[:5].tolist()}"
                 )
 
     @property
@@ -183,6 +200,8 @@ class GaussianOracle:
         return dataclasses.replace(self, mu1=mu1, S1=0.5 * (S1 + S1.T))
 
     def _coefficients(self, t):
+        if jnp.ndim(t) != 0:
+            raise ValueError(f"t must be a scalar, got shape {jnp.shape(t)}")
         t = jnp.asarray(t, self.mu1.dtype)
         it = self.interpolant
         coefficients = (
@@ -216,6 +235,12 @@ class GaussianOracle:
         C_t = M_dot @ self.S1 @ M.T + noise_cross
         return mu_t, mu_dot, S_t, C_t
 
+    def _check_points(self, x) -> None:
+        if jnp.ndim(x) != 2 or jnp.shape(x)[1] != self.dim:
+            raise ValueError(
+                f"x must be points [n, d = {self.dim}], got shape {jnp.shape(x)}"
+            )
+
     def mean(self, t) -> jax.Array:
         """[d] mean of x_t."""
         return self._moments(t)[0]
@@ -226,12 +251,14 @@ class GaussianOracle:
 
     def velocity(self, t, x: jax.Array) -> jax.Array:
         """Exact b(t, x) = E[dx_t | x_t = x] for x [n, d]; returns [n, d]."""
+        self._check_points(x)
         mu_t, mu_dot, S_t, C_t = self._moments(t)
         gain = jnp.linalg.solve(S_t, C_t.T).T  # C_t S_t^{-1}
         return mu_dot + (x - mu_t) @ gain.T
 
     def score(self, t, x: jax.Array) -> jax.Array:
         """Exact grad log density of x_t at x [n, d]; returns [n, d]."""
+        self._check_points(x)
         mu_t, _, S_t, _ = self._moments(t)
         precision = jnp.linalg.inv(S_t)  # d x d once, then one matmul for all n
         return -(x - mu_t) @ precision.T
@@ -270,6 +297,31 @@ class GaussianOracle:
         )
         x0 = x1 @ self.A.T + self.c + noise
         return x0, x1
+
+
+def _is_concrete(value: jax.Array) -> bool:
+    return not isinstance(value, jax.core.Tracer) and value.is_fully_addressable
+
+
+def _check_covariance(name: str, S: jax.Array) -> None:
+    """Raises unless a concrete S is symmetric positive semi-definite.
+
+    Traced matrices (e.g. under ``jax.vmap`` of ``condition``) pass.
+    """
+    if not _is_concrete(S):
+        return
+    S = np.asarray(S, np.float64)
+    scale = max(np.abs(S).max(), 1e-30)
+    asymmetry = np.abs(S - S.T).max()
+    if asymmetry > 1e-5 * scale:
+        raise ValueError(
+            f"{name} must be symmetric, got max |{name} - {name}^T| = {asymmetry:.3g}"
+        )
+    lowest = np.linalg.eigvalsh(0.5 * (S + S.T)).min()
+    if lowest < -1e-5 * scale:
+        raise ValueError(
+            f"{name} must be positive semi-definite, got an eigenvalue {lowest:.3g}"
+        )
 
 
 def flat_mask(mask: jax.Array, channels: int) -> jax.Array:

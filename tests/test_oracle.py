@@ -333,3 +333,30 @@ def test_small_network_reaches_the_minimum_loss():
     minimum = float(jnp.mean(jax.vmap(oracle.min_velocity_loss)(t)))
     assert abs(at_optimum - minimum) < 0.01 * abs(minimum)
     assert minimum <= trained < minimum + 0.05 * abs(minimum), (trained, minimum)
+
+
+def test_bad_oracle_inputs_raise_naming_the_value():
+    d, path = 4, interpolants.linear()
+    mu1, eye, zeros = jnp.zeros(d), jnp.eye(d), jnp.zeros((d, d))
+    cases = [
+        (lambda: GaussianOracle(mu1, eye, zeros, jnp.ones(1), eye, path), "c must"),
+        (lambda: GaussianOracle(mu1[:, None], eye, zeros, mu1, eye, path), "vector"),
+        (lambda: GaussianOracle.independent(mu1, -eye, path), "semi-definite.*-1"),
+        (
+            lambda: GaussianOracle.independent(mu1, eye.at[0, 1].set(1.0), path),
+            "symmetric",
+        ),
+        (lambda: GaussianOracle.inpainting(mu1, eye, jnp.full(d, 0.5), path), "0.5"),
+        (
+            lambda: GaussianOracle(mu1, eye, zeros, mu1, eye, path, known=jnp.ones(1)),
+            r"known must have shape \(4,\)",
+        ),
+    ]
+    for build, message in cases:
+        with pytest.raises(ValueError, match=message):
+            build()
+    oracle = GaussianOracle.independent(mu1, eye, path)
+    with pytest.raises(ValueError, match=r"\[n, d = 4\], got shape \(2, 5\)"):
+        oracle.velocity(0.5, jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match=r"t must be a scalar, got shape \(2,\)"):
+        oracle.score(jnp.array([0.2, 0.5]), jnp.ones((2, d)))
