@@ -58,8 +58,21 @@ def define_config_flag() -> None:
         _exit_with(e)
 
 
+def _config_path(argv: list[str]) -> str | None:
+    """The value of ``--config`` in ``argv``, if given."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """Parses flags; a bad flag or config override ends with one clear line."""
+    path = _config_path(argv)
+    if path is not None and not os.path.isfile(path.split(":", 1)[0]):
+        sys.exit(f"error: --config file {path!r} does not exist")
     try:
         return FLAGS(argv)
     except _BAD_FLAG_ERRORS as e:
@@ -85,21 +98,26 @@ def set_cpu_devices() -> None:
     os.environ["XLA_FLAGS"] = " ".join([*kept, f"--{_COUNT_FLAG}={count}"])
 
 
-def check_workdir(workdir: str) -> str:
-    """Creates ``workdir`` and checks that it is writable; returns its absolute path."""
-    from stochinterp.workdir import ensure_writable  # no jax import
+def check_workdir(workdir: str, must_exist: bool) -> str:
+    """Checks ``workdir`` without creating it; returns its absolute path.
+
+    Training creates it once its config has been checked, so a bad config
+    leaves no empty folder behind; sampling and evaluation need an existing
+    one.
+    """
+    from stochinterp.workdir import check_usable  # no jax import
 
     if not workdir:
-        raise ValueError(
-            "--workdir is required: the folder for checkpoints and outputs"
+        raise SystemExit(
+            "error: --workdir is required: the folder for checkpoints and outputs"
         )
     try:
-        return ensure_writable(workdir)
-    except PermissionError as e:
+        return check_usable(workdir, must_exist)
+    except OSError as e:
         raise SystemExit(f"error: {e}") from None
 
 
-def start(argv: list[str]) -> str:
+def start(argv: list[str], workdir_must_exist: bool = True) -> str:
     """Arguments, workdir, devices, processes and logging; returns the workdir.
 
     Every launcher defines ``--workdir``; stray positional arguments are an
@@ -107,7 +125,7 @@ def start(argv: list[str]) -> str:
     """
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    path = check_workdir(FLAGS.workdir)
+    path = check_workdir(FLAGS.workdir, workdir_must_exist)
     set_cpu_devices()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

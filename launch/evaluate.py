@@ -19,6 +19,7 @@ from absl import app, flags
 from launch import _common
 
 _common.define_config_flag()
+flags.adopt_module_key_flags(_common)
 flags.DEFINE_string("workdir", None, "workdir of a training run")
 FLAGS = flags.FLAGS
 

@@ -5,9 +5,10 @@
 
 The coupling is drawn on the first ``num_samples`` held-out images (their
 masks, low-resolution versions or labels condition the samples). Writes
-``DIR/samples/samples_<method>.npz`` (x0, samples, ground truth, labels) and
-``DIR/samples/samples_<method>.png`` (rows: base sample x0, sample, ground
-truth).
+``DIR/samples/samples_<method>.npz`` (x0, samples, ground truth, and labels
+for class-conditional models; the samples are the sampler's end points, not
+clipped) and ``DIR/samples/samples_<method>.png`` (rows: base sample x0,
+sample, ground truth, clipped to [-1, 1]).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from absl import app, flags
 from launch import _common
 
 _common.define_config_flag()
+flags.adopt_module_key_flags(_common)
 flags.DEFINE_string("workdir", None, "workdir of a training run")
 flags.DEFINE_integer("num_samples", 16, "number of samples (multiple of the devices)")
 flags.DEFINE_integer("seed", 0, "seed for the coupling and SDE noise")
@@ -28,7 +30,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     if FLAGS.num_samples < 1:
-        raise app.UsageError(f"--num_samples must be >= 1, got {FLAGS.num_samples}")
+        raise SystemExit(f"error: --num_samples must be >= 1, got {FLAGS.num_samples}")
     workdir = _common.start(argv)
     config = FLAGS.config
 
@@ -48,13 +50,8 @@ def main(argv):
     if jax.process_index() != 0:
         return
     stem = os.path.join(workdir, "samples", f"samples_{config.sampler.method}")
-    np.savez(
-        stem + ".npz",
-        x0=sample.x0,
-        samples=samples,
-        ground_truth=x1,
-        labels=np.asarray(-1 if sample.labels is None else sample.labels),
-    )
+    labels = {} if sample.labels is None else {"labels": np.asarray(sample.labels)}
+    np.savez(stem + ".npz", x0=sample.x0, samples=samples, ground_truth=x1, **labels)
     evaluate.save_grid(stem + ".png", [np.clip(sample.x0, -1, 1), samples, x1])
     logging.getLogger("launch.sample").info(
         "step %d: %d samples with %s, %d model calls, %.1f s -> %s.png",

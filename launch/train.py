@@ -14,13 +14,14 @@ from absl import app, flags
 from launch import _common
 
 _common.define_config_flag()
+flags.adopt_module_key_flags(_common)
 flags.DEFINE_string("workdir", None, "output folder (created if missing)")
 flags.DEFINE_bool("evaluate", True, "evaluate after training")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
-    workdir = _common.start(argv)
+    workdir = _common.start(argv, workdir_must_exist=False)
     config = FLAGS.config
 
     from stochinterp import pipeline

@@ -191,7 +191,11 @@ def evaluate_inpainting(
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, evaluate_after: bool = True
 ) -> dict:
-    """Trains, then (for in-painting) evaluates and writes ``metrics.json``."""
+    """Trains, then (for in-painting) evaluates and writes ``metrics.json``.
+
+    A run that trains no step (the workdir's checkpoint is already at
+    ``train.num_steps``) keeps an existing ``metrics.json`` and returns it.
+    """
     mesh = sharding.make_mesh()
     if evaluate_after and is_inpainting(config):
         validate_sampling(config, mesh)
@@ -201,6 +205,11 @@ def train_and_evaluate(
     if result.preempted:
         log.info("preempted: checkpoint saved; run the same command again to resume")
         return {}
+    metrics_path = os.path.join(workdir, "metrics.json")
+    if not result.history["loss"] and os.path.exists(metrics_path):
+        log.info("no step trained in this run: %s kept as it was", metrics_path)
+        with open(metrics_path) as f:
+            return json.load(f)
 
     metrics = {
         "final_loss": result.history["loss"][-1] if result.history["loss"] else None,
@@ -221,7 +230,7 @@ def train_and_evaluate(
     metrics["wall_seconds"] = time.time() - start
     metrics["config"] = json.loads(config.to_json_best_effort())
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "metrics.json"), "w") as f:
+        with open(metrics_path, "w") as f:
             json.dump(metrics, f, indent=2)
         log.info("metrics: %s", {k: v for k, v in metrics.items() if k != "config"})
     return metrics

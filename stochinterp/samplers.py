@@ -203,7 +203,10 @@ class SamplerSettings:
         values = {name: config[name] for name in names if name in config}
         if values.get("method") == "dopri5":
             values.pop("num_steps", None)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValueError as e:
+            raise ValueError(f"config.sampler: {e}") from None
 
 
 @flax.struct.dataclass

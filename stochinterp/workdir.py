@@ -15,10 +15,15 @@ def ensure_writable(workdir: str, subdirs: tuple[str, ...] = ()) -> str:
       The absolute path.
 
     Raises:
+      NotADirectoryError: when ``workdir`` is a file.
       PermissionError: naming the folder, when it cannot be created or
         written (a file in the way, no permission, a read-only disk).
     """
     path = os.path.abspath(os.path.expanduser(workdir))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(
+            f"workdir {workdir!r} is a file, not a folder; choose another --workdir"
+        )
     try:
         for sub in ("", *subdirs):
             os.makedirs(os.path.join(path, sub), exist_ok=True)
@@ -31,4 +36,36 @@ def ensure_writable(workdir: str, subdirs: tuple[str, ...] = ()) -> str:
             f"workdir {workdir!r} is not writable ({e.strerror}); choose another "
             "--workdir or fix its permissions"
         ) from e
+    return path
+
+
+def check_usable(workdir: str, must_exist: bool) -> str:
+    """Checks ``workdir`` without creating anything; returns its absolute path.
+
+    With ``must_exist`` (sampling, evaluation) it must be an existing folder;
+    otherwise (training, which creates it after checking its config) it must
+    be a writable folder or not exist yet below a writable folder.
+
+    Raises:
+      FileNotFoundError, NotADirectoryError, PermissionError: naming the path.
+    """
+    path = os.path.abspath(os.path.expanduser(workdir))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(
+            f"workdir {workdir!r} is a file, not a folder; choose another --workdir"
+        )
+    if must_exist:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"workdir {workdir!r} does not exist; train into it first"
+            )
+        return path
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"workdir {workdir!r} cannot be created or written ({parent!r} is not a "
+            "writable folder); choose another --workdir or fix its permissions"
+        )
     return path

@@ -9,10 +9,10 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_train(*args, tmp_path):
+def run_train(*args, tmp_path, launcher="train"):
     env = dict(os.environ, STOCHINTERP_DATA_DIR=str(tmp_path / "data"))
     return subprocess.run(
-        [sys.executable, "-m", "launch.train", *args],
+        [sys.executable, "-m", f"launch.{launcher}", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -43,6 +43,33 @@ def test_image_size_not_divisible_by_tile_grid(tmp_path):
     assert result.returncode != 0
     assert "20x20" in result.stderr and "tile grid 8" in result.stderr
     assert not (tmp_path / "data").exists()  # failed before building any data
+    assert not (tmp_path / "wd").exists()  # and before creating the workdir
+
+
+@pytest.mark.parametrize("launcher", ["train", "sample", "evaluate"])
+def test_help_lists_the_shared_flags(tmp_path, launcher):
+    result = run_train("--help", tmp_path=tmp_path, launcher=launcher)
+    for flag in ("--workdir", "--config", "--cpu_devices", "--num_processes"):
+        assert flag in result.stdout, (launcher, flag)
+
+
+def test_a_missing_config_file_is_one_line(tmp_path):
+    result = run_train(
+        "--workdir", str(tmp_path / "wd"), "--config=configs/nope.py", tmp_path=tmp_path
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip() == (
+        "error: --config file 'configs/nope.py' does not exist"
+    )
+
+
+@pytest.mark.parametrize("launcher", ["sample", "evaluate"])
+def test_reading_launchers_need_an_existing_workdir(tmp_path, launcher):
+    workdir = tmp_path / "never_trained"
+    result = run_train("--workdir", str(workdir), tmp_path=tmp_path, launcher=launcher)
+    assert result.returncode != 0
+    assert f"workdir '{workdir}' does not exist; train into it first" in (result.stderr)
+    assert not workdir.exists()
 
 
 def test_unwritable_workdir_is_named(tmp_path):
@@ -51,7 +78,7 @@ def test_unwritable_workdir_is_named(tmp_path):
     workdir = blocker / "wd"
     result = run_train("--workdir", str(workdir), tmp_path=tmp_path)
     assert result.returncode != 0
-    assert str(workdir) in result.stderr and "not writable" in result.stderr
+    assert str(workdir) in result.stderr and "cannot be created" in result.stderr
 
 
 @pytest.mark.parametrize("flag", ["--cpu_devices=0"])

@@ -152,6 +152,17 @@ def test_a_changed_config_on_a_trained_workdir_is_refused(main_job):
         pipeline.train.train(other, workdir)
 
 
+def test_a_rerun_that_trains_nothing_keeps_the_metrics(main_job):
+    config, workdir, _ = main_job
+    path = os.path.join(workdir, "metrics.json")
+    with open(path, "rb") as f:
+        before = f.read()
+    again = pipeline.train_and_evaluate(config, workdir)
+    with open(path, "rb") as f:
+        assert f.read() == before
+    assert again == json.loads(before) and again["steps_this_run"] == 4
+
+
 def test_a_second_run_on_a_busy_workdir_is_refused(main_job, tmp_path):
     import fcntl
 

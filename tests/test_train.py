@@ -239,8 +239,17 @@ def test_an_unwritable_workdir_is_refused_before_data_or_model(tmp_path, monkeyp
     monkeypatch.setattr(train, "init_state", _forbid)
     with pytest.raises(PermissionError, match="not writable"):
         train.train(tiny_config(tmp_path), workdir, sharding.make_mesh())
-    with pytest.raises(SystemExit, match="not writable"):
-        _common.check_workdir(workdir)
+    with pytest.raises(SystemExit, match="cannot be created"):
+        _common.check_workdir(workdir, must_exist=False)
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        _common.check_workdir(str(blocker), must_exist=False)
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        train.train(tiny_config(tmp_path), str(blocker), sharding.make_mesh())
+    missing = tmp_path / "missing" / "wd"
+    with pytest.raises(SystemExit, match="does not exist; train into it first"):
+        _common.check_workdir(str(missing), must_exist=True)
+    assert _common.check_workdir(str(missing), must_exist=False) == str(missing)
+    assert not (tmp_path / "missing").exists()  # checking creates nothing
 
 
 def _xla_flags_after_start(args, xla_flags):
