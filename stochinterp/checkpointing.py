@@ -8,6 +8,7 @@ so a run killed mid-save leaves the previous checkpoint as the latest.
 
 from __future__ import annotations
 
+import numbers
 import os
 
 import jax
@@ -26,8 +27,10 @@ def make_manager(
     Saving happens when the caller asks (``save_interval_steps=1``); the
     training loop decides when.
     """
-    if keep < 1:
-        raise ValueError(f"train.keep_checkpoints must be >= 1, got {keep}")
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or keep < 1:
+        raise ValueError(
+            f"train.keep_checkpoints must be an integer >= 1, got {keep!r}"
+        )
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         save_interval_steps=1,

@@ -81,14 +81,21 @@ def guided(field: Field, scale: float, null_label: int) -> Field:
     Returns ``f_u + scale * (f_c - f_u)`` where f_c uses the labels in ``xi``
     and f_u the null class. ``scale = 1`` gives the conditional field, 0 the
     unconditional one. One call of the guided field costs two network calls,
-    made as one batch of twice the size.
+    made as one batch of twice the size: every ``xi`` leaf whose leading axis
+    is the batch is repeated to match; other leaves (scalars, tables) pass
+    unchanged.
     """
 
     def guided_field(t, x, xi):
         labels = xi.get("labels")
         if labels is None:
             raise ValueError("classifier-free guidance needs labels in xi, got None")
-        both = jax.tree.map(lambda a: jnp.concatenate([a, a]), dict(xi))
+
+        def double(a):
+            batched = jnp.ndim(a) >= 1 and jnp.shape(a)[0] == x.shape[0]
+            return jnp.concatenate([a, a]) if batched else a
+
+        both = jax.tree.map(double, dict(xi))
         both["labels"] = jnp.concatenate([labels, jnp.full_like(labels, null_label)])
         t2 = t if jnp.ndim(t) == 0 else jnp.concatenate([t, t])
         out = field(t2, jnp.concatenate([x, x]), both)

@@ -56,7 +56,7 @@ class Interpolant:
         """The interpolant at time t.
 
         Args:
-          t: [batch] times.
+          t: [batch] times (or one scalar time for the whole batch).
           x0: [batch, ...] base samples.
           x1: [batch, ...] data.
           z: [batch, ...] standard normal latent; required when gamma != 0.
@@ -78,7 +78,7 @@ class Interpolant:
         )
 
     def _combine(self, t, x0, x1, z, a, b, g):
-        t = _expand(t, x0.ndim)
+        t = broadcast_time(t, x0)
         out = a(t) * x0 + b(t) * x1
         if self.has_noise:
             if z is None:

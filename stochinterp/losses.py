@@ -161,8 +161,9 @@ def loss_by_time_bin(
     """Sums and counts of per-example values in equal time bins.
 
     Bin k holds t in [t_min + k w, t_min + (k + 1) w) with
-    w = (t_max - t_min) / num_bins; t = t_max goes to the last bin, and times
-    outside the range to the nearest end bin.
+    w = (t_max - t_min) / num_bins; t = t_max goes to the last bin, times
+    outside the range to the nearest end bin, and non-finite times nowhere
+    (they are not counted).
 
     Args:
       t: [batch] times.
@@ -187,4 +188,6 @@ def loss_by_time_bin(
     index = jnp.floor((t - t_min) / (t_max - t_min) * num_bins).astype(jnp.int32)
     index = jnp.clip(index, 0, num_bins - 1)
     one_hot = jax.nn.one_hot(index, num_bins, dtype=values.dtype)
-    return one_hot.T @ values, one_hot.sum(axis=0)
+    finite = jnp.isfinite(t)
+    one_hot = jnp.where(finite[:, None], one_hot, 0.0)
+    return one_hot.T @ jnp.where(finite, values, 0.0), one_hot.sum(axis=0)

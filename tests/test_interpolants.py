@@ -166,3 +166,6 @@ def test_broadcast_time():
     assert interpolants.broadcast_time(0.5, x).shape == ()
     with pytest.raises(ValueError, match=r"\[3\].*\(4,\)"):
         interpolants.broadcast_time(jnp.zeros(4), x)
+    with pytest.raises(ValueError, match=r"\[3\].*\(3, 2\)"):
+        interpolants.linear().x_t(jnp.zeros((3, 2)), x, x)
+    np.testing.assert_allclose(interpolants.linear().x_t(0.25, 0 * x, x), 0.25)

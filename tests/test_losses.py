@@ -157,3 +157,9 @@ def test_loss_by_time_bin_counts():
         losses.loss_by_time_bin(t, values, 0)
     with pytest.raises(ValueError, match="t_min=0.6, t_max=0.2"):
         losses.loss_by_time_bin(t, values, 2, 0.6, 0.2)
+
+    # A non-finite time (and its value) is not counted anywhere.
+    t_nan = t.at[0].set(jnp.nan)
+    sums, counts = losses.loss_by_time_bin(t_nan, values.at[0].set(jnp.nan), 4)
+    np.testing.assert_array_equal(counts, [1, 2, 1, 2])
+    np.testing.assert_array_equal(sums, [2, 7, 7, 11])

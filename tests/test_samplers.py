@@ -392,13 +392,14 @@ def test_guided_field_samples_closed_form_and_counts_one_call_per_step():
 
     def network(t, x, xi):
         jax.debug.callback(lambda n: shapes.append(int(n)), x.shape[0])
-        return means[xi["labels"]] - x
+        assert jnp.shape(xi["gain"]) == ()  # a leaf without a batch axis
+        return xi["gain"] * means[xi["labels"]] - x
 
     velocity = fields.guided(network, scale, null_label=num_classes)
     settings = Settings(rtol=1e-6, atol=1e-6)
     labels = jnp.array([0, 2, 1, 1])
     x0 = jax.random.normal(jax.random.key(9), (4, num_classes))
-    xi = {"cond": None, "mask": None, "labels": labels}
+    xi = {"cond": None, "mask": None, "labels": labels, "gain": jnp.float32(1.0)}
     x1, info = samplers.make_sampler(velocity, settings)(x0, xi)
     jax.block_until_ready(x1)
     jax.effects_barrier()
