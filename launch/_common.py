@@ -40,7 +40,11 @@ _BAD_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError
 def _exit_with(error: Exception) -> None:
     message = error
     while isinstance(message, Exception) and message.args:  # unwrap re-raises
-        message = message.args[0]
+        first = message.args[0]
+        if not isinstance(first, (str, Exception)):  # e.g. OSError(errno, text)
+            message = str(message)
+            break
+        message = first
     sys.exit(f"error: {message}".replace("\n", " "))
 
 
@@ -117,6 +121,27 @@ def check_workdir(workdir: str, must_exist: bool) -> str:
         raise SystemExit(f"error: {e}") from None
 
 
+def one_line_input_errors(main):
+    """Wraps a launcher's ``main``: input errors end with one line.
+
+    An error raised by a check before any work (``stochinterp.input_errors``)
+    is printed as ``error: ...`` without a traceback, unless
+    ``STOCHINTERP_TRACEBACK=1``; every other exception keeps its traceback.
+    """
+
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except Exception as e:
+            from stochinterp.input_errors import is_input_error  # no jax import
+
+            if is_input_error(e) and not os.environ.get("STOCHINTERP_TRACEBACK"):
+                _exit_with(e)
+            raise
+
+    return wrapped
+
+
 def start(argv: list[str], workdir_must_exist: bool = True) -> str:
     """Arguments, workdir, devices, processes and logging; returns the workdir.
 
@@ -126,7 +151,10 @@ def start(argv: list[str], workdir_must_exist: bool = True) -> str:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     path = check_workdir(FLAGS.workdir, workdir_must_exist)
-    set_cpu_devices()
+    try:
+        set_cpu_devices()
+    except ValueError as e:
+        _exit_with(e)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

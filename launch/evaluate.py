@@ -50,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_common.parse_flags)
+    app.run(_common.one_line_input_errors(main), flags_parser=_common.parse_flags)

@@ -20,6 +20,7 @@ from stochinterp import (
     checkpointing,
     couplings,
     evaluate,
+    input_errors,
     interpolants,
     samplers,
     sharding,
@@ -49,6 +50,7 @@ def is_inpainting(config) -> bool:
     )
 
 
+@input_errors.checks
 def validate_sampling(config, mesh, num_images: int | None = None) -> None:
     """Checks the sampler and evaluation fields; raises before any work.
 
@@ -81,8 +83,13 @@ def validate_sampling(config, mesh, num_images: int | None = None) -> None:
     _guidance(config)
 
 
+@input_errors.checks
 def load_variables(config, workdir: str, mesh, use_ema: bool):
-    """Restores the latest checkpoint: returns (model, variables, step)."""
+    """Restores the latest checkpoint: returns (model, variables, step).
+
+    Its errors (no checkpoint, a config that does not match the saved one)
+    are input errors (``stochinterp.input_errors``).
+    """
     directory = os.path.join(workdir, "checkpoints")
     missing = FileNotFoundError(
         f"no checkpoint in {directory!r}; train first with "

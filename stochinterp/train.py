@@ -40,7 +40,14 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from stochinterp import checkpointing, couplings, interpolants, losses, sharding
+from stochinterp import (
+    checkpointing,
+    couplings,
+    input_errors,
+    interpolants,
+    losses,
+    sharding,
+)
 from stochinterp import data as data_lib
 from stochinterp import train_state as ts
 from stochinterp.models.unet import UNet
@@ -489,13 +496,15 @@ def train(
         the message names the step. No later checkpoint is written.
     """
     mesh = sharding.make_mesh() if mesh is None else mesh
-    validate_config(config, mesh)
-    data_lib.validate(config.data)
-    coupling, _, model, loss_fn, optimizer = setup(config, mesh)
-    ensure_writable(workdir)
+    with input_errors.checking_input():
+        validate_config(config, mesh)
+        data_lib.validate(config.data)
+        coupling, _, model, loss_fn, optimizer = setup(config, mesh)
+        ensure_writable(workdir)
     with _workdir_lock(workdir):
-        prepare_workdir(workdir, config)
-        _check_classes(config)
+        with input_errors.checking_input():
+            prepare_workdir(workdir, config)
+            _check_classes(config)
         return _run(config, workdir, mesh, coupling, model, loss_fn, optimizer)
 
 
@@ -513,11 +522,12 @@ def _workdir_lock(workdir: str):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise RuntimeError(
+            busy = RuntimeError(
                 f"another run is training in workdir {workdir!r} (it holds "
                 f"{os.path.join(workdir, '.lock')}); wait for it, stop it, or "
                 "use another --workdir"
-            ) from None
+            )
+            raise input_errors.mark(busy) from None
         try:
             yield
         finally:

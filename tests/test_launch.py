@@ -112,3 +112,22 @@ def test_sampling_settings_are_checked_before_training(tmp_path):
     assert result.returncode != 0
     assert "eval.num_images" in result.stderr and "(3:" in result.stderr
     assert not (tmp_path / "data").exists()  # before any data was built
+
+
+def test_a_checked_value_ends_with_one_line_unless_asked_for_the_traceback(
+    tmp_path, monkeypatch
+):
+    args = ("--workdir", str(tmp_path / "wd"), "--config.train.global_batch=-4")
+    result = run_train(*args, tmp_path=tmp_path)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1] == (
+        "error: global batch size -4 must be a positive multiple of the number "
+        "of devices (2); choose e.g. 2"
+    )
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "wd").exists()
+
+    monkeypatch.setenv("STOCHINTERP_TRACEBACK", "1")
+    result = run_train(*args, tmp_path=tmp_path)
+    assert result.returncode == 1 and "Traceback" in result.stderr
