@@ -84,6 +84,22 @@ def validate_sampling(config, mesh, num_images: int | None = None) -> None:
 
 
 @input_errors.checks
+def check_held_out_size(config, num_images: int) -> None:
+    """Raises unless the held-out split holds ``num_images`` images.
+
+    Builds the dataset if needed (training would build it first anyway).
+    """
+    info = data_lib.dataset_info(config.data)
+    split = config.data.eval_split or info.eval_split
+    available = info.split_sizes.get(split, 0)
+    if num_images > available:
+        raise ValueError(
+            f"{num_images} images to sample (eval.num_images or --num_samples), "
+            f"but split {split!r} of {info.name} holds {available}"
+        )
+
+
+@input_errors.checks
 def load_variables(config, workdir: str, mesh, use_ema: bool):
     """Restores the latest checkpoint: returns (model, variables, step).
 
@@ -206,6 +222,10 @@ def train_and_evaluate(
     mesh = sharding.make_mesh()
     if evaluate_after and is_inpainting(config):
         validate_sampling(config, mesh)
+        with input_errors.checking_input():
+            train.validate_config(config, mesh)
+            data_lib.validate(config.data)
+        check_held_out_size(config, config.eval.num_images)
     start = time.time()
     result = train.train(config, workdir, mesh)
     train_seconds = time.time() - start

@@ -106,9 +106,10 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
             raise ValueError(f"train.{name} must be an integer >= 1, got {value!r}")
     if not 0.0 <= tc.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay must lie in [0, 1), got {tc.ema_decay}")
-    if tc.max_seconds < 0:
+    if not 0 <= tc.max_seconds < float("inf"):
         raise ValueError(
-            f"train.max_seconds must be >= 0 (0: no limit), got {tc.max_seconds}"
+            f"train.max_seconds must be finite and >= 0 (0: no limit), got "
+            f"{tc.max_seconds}"
         )
     for name in ("ema_warmup", "async_checkpoint", "denoiser"):
         if not isinstance(tc[name], bool):
@@ -121,14 +122,18 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 
 
 # Fields that shape the checkpoint or what it means: a resume or an
-# evaluation with other values would restore the wrong thing.
+# evaluation with other values would restore the wrong thing. The batch size
+# and the shuffle seed fix the data order that the saved loader position (a
+# batch index) counts in: a resume with others would skip or repeat examples.
 _FIXED_FIELDS = (
     "model",
     "coupling",
     "interpolant",
     "data.name",
     "data.image_size",
+    "data.shuffle_seed",
     "train.denoiser",
+    "train.global_batch",
 )
 
 

@@ -38,8 +38,18 @@ class TrainState:
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """Adam with a staircase exponential decay and global-norm clipping."""
-    if config.learning_rate <= 0:
-        raise ValueError(f"optim.learning_rate must be > 0, got {config.learning_rate}")
+    if not 0 < config.learning_rate < float("inf"):
+        raise ValueError(
+            f"optim.learning_rate must be finite and > 0, got {config.learning_rate}"
+        )
+    if not 0 < config.grad_clip < float("inf"):
+        raise ValueError(
+            f"optim.grad_clip (the global-norm bound) must be finite and > 0, got "
+            f"{config.grad_clip}"
+        )
+    for name in ("b1", "b2"):
+        if not 0 <= config[name] < 1:
+            raise ValueError(f"optim.{name} must lie in [0, 1), got {config[name]}")
     if not 0 < config.decay_rate <= 1:
         raise ValueError(
             f"optim.decay_rate must lie in (0, 1], got {config.decay_rate}"

@@ -40,6 +40,10 @@ def _make_tree(root, rng):
     # ImageNet holds a PNG named .JPEG; this one has an alpha channel.
     rgba = rng.integers(0, 256, (36, 40, 4), dtype=np.uint8)
     Image.fromarray(rgba).save(extra / "rgba.JPEG", format="PNG")
+    # A hidden folder (an editor's or a notebook's) is not a class.
+    hidden = root / "train" / ".ipynb_checkpoints"
+    hidden.mkdir()
+    Image.fromarray(_random_rgb(rng, 20, 20)).save(hidden / "stray.JPEG")
     val = root / "val"
     val.mkdir()
     lines = []
@@ -202,8 +206,8 @@ def test_kaggle_solution_csv_and_class_folders(tmp_path):
 
 def test_missing_and_empty_source_dir(tmp_path):
     missing = tmp_path / "nowhere"
-    with pytest.raises(FileNotFoundError, match="nowhere.*does not exist"):
-        data.builder(_config(missing, tmp_path / "tfds"))
+    with pytest.raises(ValueError, match="source_dir=.*nowhere' is not a folder"):
+        data.validate(_config(missing, tmp_path / "tfds"))  # before any work
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(
@@ -231,6 +235,31 @@ def test_corrupt_file_names_the_file_and_the_fix(tmp_path):
     (folder / "bad.JPEG").write_bytes(encoded[: len(encoded) // 2])
     with pytest.raises(ValueError, match=r"bad\.JPEG"):
         data.builder(_config(tmp_path / "src", tmp_path / "tfds"))
+
+
+def test_an_image_over_pils_pixel_limit_is_named(tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    Image.fromarray(np.zeros((50, 50, 3), np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 2500 > 2 x 100
+    with pytest.raises(ValueError, match=r"huge\.png"):
+        transforms.decode_image_file(path, 8)
+
+
+@pytest.mark.parametrize(
+    "mode, values, want",
+    [
+        ("I", [0, 128, 255], [0, 128, 255]),  # 8-bit values in a 32-bit image
+        ("I", [0, 32896, 65535], [0, 128, 255]),  # 16-bit values
+        ("F", [0.0, 0.5, 1.0], [0, 128, 255]),  # [0, 1] floats
+        ("F", [0.0, 128.0, 300.0], [0, 128, 255]),  # [0, 255] floats, clipped
+    ],
+)
+def test_32_bit_and_float_grey_images_are_rescaled(mode, values, want):
+    dtype = np.int32 if mode == "I" else np.float32
+    image = Image.fromarray(np.asarray([values], dtype), mode=mode)
+    rgb = np.asarray(transforms.to_rgb(image))
+    np.testing.assert_array_equal(rgb[0, :, 0], want)
+    assert rgb.shape == (1, 3, 3) and (rgb[..., 0] == rgb[..., 2]).all()
 
 
 def test_imagenet2012_not_prepared(tmp_path):

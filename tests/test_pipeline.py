@@ -163,6 +163,21 @@ def test_a_rerun_that_trains_nothing_keeps_the_metrics(main_job):
     assert again == json.loads(before) and again["steps_this_run"] == 4
 
 
+def test_more_images_than_the_held_out_split_is_an_input_error(main_job):
+    from stochinterp.input_errors import is_input_error
+
+    config, _, _ = main_job
+    info = pipeline.data_lib.dataset_info(config.data)
+    held_out = info.split_sizes[info.eval_split]
+    pipeline.check_held_out_size(config, held_out)
+    with pytest.raises(ValueError, match=f"{held_out + 1} images .* holds {held_out}"):
+        try:
+            pipeline.check_held_out_size(config, held_out + 1)
+        except ValueError as e:
+            assert is_input_error(e)
+            raise
+
+
 def test_a_second_run_on_a_busy_workdir_is_refused(main_job, tmp_path):
     import fcntl
 

@@ -211,10 +211,19 @@ def test_the_launcher_refuses_batch_7_on_2_devices_without_building_data(
         ("train.keep_checkpoints", 0, "train.keep_checkpoints"),
         ("train.log_every", -3, "train.log_every must be an integer >= 1, got -3"),
         ("train.ema_decay", 1.0, r"train.ema_decay must lie in \[0, 1\), got 1.0"),
-        ("train.max_seconds", -1.0, "train.max_seconds must be >= 0"),
+        ("train.max_seconds", -1.0, "train.max_seconds must be finite and >= 0"),
+        ("train.max_seconds", float("nan"), "train.max_seconds .* got nan"),
         ("train.t_max", 1.5, "t_max"),
         ("model.dtype", "float16", "model.dtype must be 'float32' or 'bfloat16'"),
-        ("optim.learning_rate", 0.0, "optim.learning_rate must be > 0"),
+        ("optim.learning_rate", 0.0, "optim.learning_rate must be finite and > 0"),
+        ("optim.learning_rate", float("nan"), "optim.learning_rate .* got nan"),
+        ("optim.grad_clip", -1.0, r"optim.grad_clip .* > 0, got -1.0"),
+        ("optim.grad_clip", 0.0, r"optim.grad_clip .* > 0, got 0.0"),
+        ("optim.b1", 1.5, r"optim.b1 must lie in \[0, 1\), got 1.5"),
+        ("optim.b2", 1.0, r"optim.b2 must lie in \[0, 1\), got 1.0"),
+        ("model.attn_heads", 0, "attn_heads must be a positive integer, got 0"),
+        ("data.shuffle_seed", 2**64, r"shuffle_seed=.* \[0, 2\*\*32\)"),
+        ("data.eval_split", "bogus", "data.eval_split='bogus' is not a split"),
         ("optim.decay_rate", 1.5, "optim.decay_rate must lie in"),
         ("data.name", "cifar", "data.name='cifar' is unknown"),
     ],
@@ -319,6 +328,19 @@ def test_a_step_not_after_the_latest_is_refused(tmp_path):
     manager.wait_until_finished()
     assert manager.all_steps() == [5]
     manager.close()
+
+
+def test_a_resume_with_another_batch_or_data_order_is_refused(tmp_path):
+    workdir = tmp_path / "wd"
+    workdir.mkdir()
+    config = tiny_config(tmp_path)
+    (workdir / "config.json").write_text(config.to_json_best_effort())
+    other = tiny_config(tmp_path, **{"train.global_batch": 16, "data.shuffle_seed": 5})
+    with pytest.raises(
+        ValueError,
+        match=r"data.shuffle_seed: 0 saved, 5 now; train.global_batch: \d+ saved, 16",
+    ):
+        train.check_saved_config(str(workdir), other)
 
 
 def test_state_and_data_position_round_trip(tmp_path):

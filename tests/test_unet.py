@@ -211,6 +211,8 @@ def test_labels_for_a_model_without_classes_raise():
         (dict(num_classes=0), "num_classes must be positive"),
         (dict(learned_sinusoidal_dim=15), "positive even"),
         (dict(dtype=jnp.int32), "dtype must be"),
+        (dict(attn_heads=0), "attn_heads must be a positive integer, got 0"),
+        (dict(full_attn_dim_head=2.5), "full_attn_dim_head .* got 2.5"),
     ],
 )
 def test_bad_configs_raise(kwargs, message):

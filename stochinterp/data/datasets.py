@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,8 +103,24 @@ def validate(data_config: Any) -> None:
     if not isinstance(flip, bool):
         raise ValueError(f"data.random_flip={flip!r} must be True or False")
     seed = _field(data_config, "shuffle_seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"data.shuffle_seed={seed!r} must be an integer >= 0")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"data.shuffle_seed={seed!r} must be an integer in [0, 2**32)")
+    eval_split = _field(data_config, "eval_split", "")
+    if eval_split not in ("", "train", _EVAL_SPLIT[name]):
+        raise ValueError(
+            f"data.eval_split={eval_split!r} is not a split of {name}; choose "
+            f"'' (the held-out split), 'train' or {_EVAL_SPLIT[name]!r}"
+        )
+    source_dir = _field(data_config, "source_dir")
+    if name == "imagenet_folder" and source_dir and not os.path.isdir(source_dir):
+        built = imagenet.imagenet_folder_builder(
+            size, prepare.resolve_data_dir(_field(data_config, "data_dir")), None
+        )
+        if not built.is_prepared():
+            raise ValueError(
+                f"data.source_dir={source_dir!r} is not a folder ("
+                f"{imagenet.LAYOUT_HELP})"
+            )
     if name == "imagenet_folder" and not _field(data_config, "source_dir"):
         built = imagenet.imagenet_folder_builder(
             size, prepare.resolve_data_dir(_field(data_config, "data_dir")), None

@@ -65,7 +65,10 @@ def _list_images(folder: str) -> tuple[list[str], int]:
 
 
 def _class_folders(root: str) -> list[str]:
-    return sorted(e.name for e in os.scandir(root) if e.is_dir())
+    """Sorted class folder names; hidden folders (``.name``) are not classes."""
+    return sorted(
+        e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
+    )
 
 
 def scan_train(source_dir: str) -> tuple[list[str], list[tuple[str, int]]]:

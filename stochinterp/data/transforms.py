@@ -16,18 +16,26 @@ from PIL import Image, UnidentifiedImageError
 def to_rgb(image: Image.Image) -> Image.Image:
     """Converts any PIL image mode to 8-bit RGB.
 
-    Grey images (``L``, ``1``, and 16-bit ``I;16`` rescaled by 1/257) repeat
-    the grey value in the three channels, palette images are expanded, CMYK
+    Grey images repeat the grey value in the three channels: ``L`` and ``1``
+    as they are; 16-bit ``I;16`` rescaled by 1/257; 32-bit ``I`` as 8-bit
+    values when none exceeds 255, else as 16-bit (1/257, clipped); float
+    ``F`` as [0, 1] when none exceeds 1, else as [0, 255] (clipped). Palette
+    images are expanded, CMYK
     uses PIL's conversion (``R = (255 - C) * (255 - K) / 255``, and so on), and an
     alpha channel (``RGBA``, ``LA``, ``P`` with transparency) is dropped
     without compositing, as ADM's ImageNet loader does.
     """
     if image.mode == "RGB":
         return image
-    if image.mode.startswith("I;16"):
-        # 16-bit grey: PIL's own conversion clips at 255 instead of rescaling.
-        grey = np.asarray(image, dtype=np.float64) / 257.0
-        image = Image.fromarray(np.round(grey).astype(np.uint8))
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        # PIL's own conversion clips at 255 instead of rescaling.
+        grey = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or (image.mode == "I" and grey.max() > 255):
+            grey = grey / 257.0
+        elif image.mode == "F" and grey.max() <= 1.0:
+            grey = grey * 255.0
+        grey = np.clip(np.round(grey), 0, 255)
+        image = Image.fromarray(grey.astype(np.uint8))
     return image.convert("RGB")
 
 
@@ -82,7 +90,13 @@ def decode_image_file(path: str | os.PathLike, size: int) -> np.ndarray:
         with Image.open(path) as image:
             image.load()
             return center_crop_adm(image, size)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (
+        UnidentifiedImageError,
+        Image.DecompressionBombError,
+        OSError,
+        SyntaxError,
+        ValueError,
+    ) as err:
         raise ValueError(
             f"cannot decode image file {os.fspath(path)!r} ({err}). The file is "
             "corrupt, truncated or not an image: remove it, or replace it with a "
@@ -96,7 +110,13 @@ def decode_image_bytes(data: bytes, size: int, name: str = "<bytes>") -> np.ndar
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             return center_crop_adm(image, size)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (
+        UnidentifiedImageError,
+        Image.DecompressionBombError,
+        OSError,
+        SyntaxError,
+        ValueError,
+    ) as err:
         raise ValueError(f"cannot decode stored image {name!r} ({err})") from err
 
 

@@ -300,6 +300,15 @@ def _check_config(model: UNet) -> None:
         )
     if model.out_channels <= 0:
         raise ValueError(f"out_channels must be positive, got {model.out_channels}")
+    heads = {
+        "attn_heads": model.attn_heads,
+        "attn_dim_head": model.attn_dim_head,
+        "full_attn_heads": model.full_attn_heads,
+        "full_attn_dim_head": model.full_attn_dim_head,
+    }
+    for name, value in heads.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if model.learned_sinusoidal and (
         model.learned_sinusoidal_dim <= 0 or model.learned_sinusoidal_dim % 2
     ):
