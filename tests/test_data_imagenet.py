@@ -237,6 +237,21 @@ def test_corrupt_file_names_the_file_and_the_fix(tmp_path):
         data.builder(_config(tmp_path / "src", tmp_path / "tfds"))
 
 
+@pytest.mark.parametrize("width, height, size", [(900, 50, 64), (40, 700, 32)])
+def test_a_thin_strip_is_cropped_within_1_of_the_full_resize(width, height, size):
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(_random_rgb(rng, width, height))
+    out = transforms.center_crop_adm(image, size)
+    scale = size / min(width, height)
+    full_w, full_h = round(width * scale), round(height * scale)
+    assert max(full_w, full_h) > 8 * size  # the strip path is taken
+    full = np.asarray(image.resize((full_w, full_h), Image.Resampling.BICUBIC))
+    top, left = (full_h - size) // 2, (full_w - size) // 2
+    want = full[top : top + size, left : left + size].astype(int)
+    assert out.shape == (size, size, 3)
+    assert np.abs(out.astype(int) - want).max() <= 1
+
+
 def test_an_image_over_pils_pixel_limit_is_named(tmp_path, monkeypatch):
     path = tmp_path / "huge.png"
     Image.fromarray(np.zeros((50, 50, 3), np.uint8)).save(path)

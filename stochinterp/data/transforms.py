@@ -39,6 +39,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# Beyond this aspect ratio (after the resize) only the cropped region is
+# resampled.
+_MAX_ASPECT = 8
+
+
 def center_crop_adm(image: Image.Image, size: int) -> np.ndarray:
     """Resizes and centre-crops an image the way ADM prepares ImageNet.
 
@@ -46,7 +51,11 @@ def center_crop_adm(image: Image.Image, size: int) -> np.ndarray:
     box filter (new size ``(w // 2, h // 2)``); then a bicubic resize brings
     the short side to ``size`` (the long side to ``round(long * scale)``);
     finally the central ``size x size`` square is cut out, with the extra
-    pixel of an odd margin on the bottom/right.
+    pixel of an odd margin on the bottom/right. For images more than 8 times
+    longer than wide (after the resize) only the region under the crop is
+    resampled, at the same sample positions: pixels may differ from the
+    full resize by 1, and a 2000 x 1 strip does not become a 512000 x 256
+    image on the way.
 
     Args:
       image: a PIL image of any size and mode (converted with ``to_rgb``).
@@ -63,13 +72,17 @@ def center_crop_adm(image: Image.Image, size: int) -> np.ndarray:
             tuple(side // 2 for side in image.size), resample=Image.Resampling.BOX
         )
     scale = size / min(image.size)
-    image = image.resize(
-        tuple(round(side * scale) for side in image.size),
-        resample=Image.Resampling.BICUBIC,
-    )
-    array = np.asarray(image)
-    top = (array.shape[0] - size) // 2
-    left = (array.shape[1] - size) // 2
+    resized = tuple(round(side * scale) for side in image.size)
+    left, top = ((side - size) // 2 for side in resized)
+    if max(resized) > _MAX_ASPECT * size:
+        # A thin strip: resizing all of it could take gigabytes. Resample only
+        # the source region under the crop, at the same sample positions
+        # (pixels within 1 of the full resize).
+        sx, sy = (side / new for side, new in zip(image.size, resized, strict=True))
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        image = image.resize((size, size), resample=Image.Resampling.BICUBIC, box=box)
+        return np.asarray(image)
+    array = np.asarray(image.resize(resized, resample=Image.Resampling.BICUBIC))
     return np.ascontiguousarray(array[top : top + size, left : left + size])
 
 
