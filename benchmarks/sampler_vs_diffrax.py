@@ -111,16 +111,9 @@ def ours(velocity, settings: Settings):
     return sample
 
 
-def theirs(velocity, settings: Settings):
+def _diffrax_sampler(velocity, settings: Settings, solver, controller, dt0, max_steps):
+    """sample(params, x0): diffrax's solution at t_max."""
     term = diffrax.ODETerm(lambda t, y, params: velocity(params, t, y))
-    if settings.method == "heun":
-        solver = diffrax.Heun()
-        controller = diffrax.ConstantStepSize()
-        dt0 = (settings.t_max - settings.t_min) / settings.num_steps
-    else:
-        solver = diffrax.Dopri5()
-        controller = diffrax.PIDController(rtol=settings.rtol, atol=settings.atol)
-        dt0 = settings.first_step
 
     def sample(params, x0):
         solution = diffrax.diffeqsolve(
@@ -133,11 +126,25 @@ def theirs(velocity, settings: Settings):
             args=params,
             stepsize_controller=controller,
             saveat=diffrax.SaveAt(t1=True),
-            max_steps=settings.max_steps,
+            max_steps=max_steps,
         )
         return solution.ys[0]
 
     return sample
+
+
+def theirs(velocity, settings: Settings):
+    if settings.method == "heun":
+        solver = diffrax.Heun()
+        controller = diffrax.ConstantStepSize()
+        dt0 = (settings.t_max - settings.t_min) / settings.num_steps
+    else:
+        solver = diffrax.Dopri5()
+        controller = diffrax.PIDController(rtol=settings.rtol, atol=settings.atol)
+        dt0 = settings.first_step
+    return _diffrax_sampler(
+        velocity, settings, solver, controller, dt0, settings.max_steps
+    )
 
 
 def reference(velocity, settings: Settings):
@@ -146,27 +153,12 @@ def reference(velocity, settings: Settings):
     diffrax's Tsit5 (a third method) at rtol = atol = 1e-8 over the same
     interval; in float32 this is exact to about 1e-6.
     """
-    term = diffrax.ODETerm(lambda t, y, params: velocity(params, t, y))
     controller = diffrax.PIDController(
         rtol=REFERENCE_TOLERANCE, atol=REFERENCE_TOLERANCE
     )
-
-    def sample(params, x0):
-        solution = diffrax.diffeqsolve(
-            term,
-            diffrax.Tsit5(),
-            settings.t_min,
-            settings.t_max,
-            None,
-            x0,
-            args=params,
-            stepsize_controller=controller,
-            saveat=diffrax.SaveAt(t1=True),
-            max_steps=100_000,
-        )
-        return solution.ys[0]
-
-    return sample
+    return _diffrax_sampler(
+        velocity, settings, diffrax.Tsit5(), controller, None, 100_000
+    )
 
 
 def floor(velocity, settings: Settings):

@@ -39,6 +39,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# What PIL raises for a file it cannot decode (or will not: over its
+# decompression-bomb pixel limit).
+_DECODE_ERRORS = (
+    UnidentifiedImageError,
+    Image.DecompressionBombError,
+    OSError,
+    SyntaxError,
+    ValueError,
+)
 # Beyond this aspect ratio (after the resize) only the cropped region is
 # resampled.
 _MAX_ASPECT = 8
@@ -103,13 +112,7 @@ def decode_image_file(path: str | os.PathLike, size: int) -> np.ndarray:
         with Image.open(path) as image:
             image.load()
             return center_crop_adm(image, size)
-    except (
-        UnidentifiedImageError,
-        Image.DecompressionBombError,
-        OSError,
-        SyntaxError,
-        ValueError,
-    ) as err:
+    except _DECODE_ERRORS as err:
         raise ValueError(
             f"cannot decode image file {os.fspath(path)!r} ({err}). The file is "
             "corrupt, truncated or not an image: remove it, or replace it with a "
@@ -123,13 +126,7 @@ def decode_image_bytes(data: bytes, size: int, name: str = "<bytes>") -> np.ndar
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             return center_crop_adm(image, size)
-    except (
-        UnidentifiedImageError,
-        Image.DecompressionBombError,
-        OSError,
-        SyntaxError,
-        ValueError,
-    ) as err:
+    except _DECODE_ERRORS as err:
         raise ValueError(f"cannot decode stored image {name!r} ({err})") from err
 
 
