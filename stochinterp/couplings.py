@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stochinterp import sharding
+
 
 @flax.struct.dataclass
 class CouplingSample:
@@ -328,9 +330,9 @@ def _check_label_values(labels: jax.Array, num_classes: int) -> None:
     ``num_classes`` itself is the null class: it is what the label drop
     writes, never a label of the data.
     """
-    if isinstance(labels, jax.core.Tracer) or not labels.is_fully_addressable:
+    values = sharding.host_values(labels)
+    if values is None:
         return
-    values = np.asarray(labels)
     bad = values[(values < 0) | (values >= num_classes)]
     if bad.size:
         raise ValueError(

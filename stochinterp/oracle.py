@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stochinterp import sharding
 from stochinterp.interpolants import Interpolant
 
 
@@ -106,8 +107,8 @@ class GaussianOracle:
                 )
         for name in ("S1", "S_s"):
             _check_covariance(name, getattr(self, name))
-        if self.known is not None and _is_concrete(self.known):
-            values = np.asarray(self.known)
+        values = None if self.known is None else sharding.host_values(self.known)
+        if values is not None:
             if not np.isin(values, (0.0, 1.0)).all():
                 raise ValueError(
                     "known must hold only 0 and 1, got "
@@ -299,18 +300,15 @@ class GaussianOracle:
         return x0, x1
 
 
-def _is_concrete(value: jax.Array) -> bool:
-    return not isinstance(value, jax.core.Tracer) and value.is_fully_addressable
-
-
 def _check_covariance(name: str, S: jax.Array) -> None:
     """Raises unless a concrete S is symmetric positive semi-definite.
 
     Traced matrices (e.g. under ``jax.vmap`` of ``condition``) pass.
     """
-    if not _is_concrete(S):
+    values = sharding.host_values(S)
+    if values is None:
         return
-    S = np.asarray(S, np.float64)
+    S = values.astype(np.float64)
     scale = max(np.abs(S).max(), 1e-30)
     asymmetry = np.abs(S - S.T).max()
     if asymmetry > 1e-5 * scale:

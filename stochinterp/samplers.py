@@ -434,11 +434,9 @@ def _check_inputs(x0, settings, score, key, mask) -> None:
 
 def _check_mask_values(mask) -> None:
     """Raises unless a concrete mask holds only 0 and 1 (traced masks pass)."""
-    if mask is None or isinstance(mask, jax.core.Tracer):
+    values = None if mask is None else sharding.host_values(mask)
+    if values is None:
         return
-    if isinstance(mask, jax.Array) and not mask.is_fully_addressable:
-        return
-    values = np.asarray(mask)
     bad = values[(values != 0) & (values != 1)]
     if bad.size:
         raise ValueError(

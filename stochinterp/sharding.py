@@ -72,6 +72,19 @@ def shard_batch(local_batch, mesh: Mesh):
     )
 
 
+def host_values(x) -> np.ndarray | None:
+    """``x`` as a numpy array when its values can be read here and now.
+
+    None for a traced array (inside jit, vmap, ...) and for one split over
+    devices of other processes: value checks skip those.
+    """
+    if isinstance(x, jax.core.Tracer):
+        return None
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return None
+    return np.asarray(x)
+
+
 def to_host(tree):
     """Copies a pytree of arrays to host numpy arrays, in any process.
 

@@ -122,19 +122,19 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 
 
 # Fields that shape the checkpoint or what it means: a resume or an
-# evaluation with other values would restore the wrong thing. The batch size
-# and the shuffle seed fix the data order that the saved loader position (a
-# batch index) counts in: a resume with others would skip or repeat examples.
+# evaluation with other values would restore the wrong thing.
 _FIXED_FIELDS = (
     "model",
     "coupling",
     "interpolant",
     "data.name",
     "data.image_size",
-    "data.shuffle_seed",
     "train.denoiser",
-    "train.global_batch",
 )
+# Fields a resume must also keep: the batch size and the shuffle seed fix the
+# data order that the saved loader position (a batch index) counts in; with
+# others a resumed run would skip or repeat examples.
+_RESUME_FIELDS = _FIXED_FIELDS + ("data.shuffle_seed", "train.global_batch")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -147,11 +147,14 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_saved_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+def check_saved_config(
+    workdir: str, config: ml_collections.ConfigDict, resume: bool = False
+) -> None:
     """Refuses a config that differs from the workdir's in fields that matter.
 
     Compares ``config`` with ``workdir/config.json`` (when there is one) on
-    the network, coupling, interpolant, dataset and denoiser fields.
+    the network, coupling, interpolant, dataset and denoiser fields; for a
+    ``resume`` of training also on the global batch and the shuffle seed.
 
     Raises:
       ValueError: naming every differing field with both values.
@@ -162,7 +165,8 @@ def check_saved_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     with open(path) as f:
         saved = _flatten(json.load(f))
     now = _flatten(json.loads(config.to_json_best_effort()))
-    fixed = [k for k in set(saved) | set(now) if k.startswith(_FIXED_FIELDS)]
+    fields = _RESUME_FIELDS if resume else _FIXED_FIELDS
+    fixed = [k for k in set(saved) | set(now) if k.startswith(fields)]
     changed = sorted(k for k in fixed if saved.get(k) != now.get(k))
     if changed:
         diffs = "; ".join(
@@ -183,7 +187,7 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     ensure_writable(workdir, ("checkpoints", "samples"))
     if jax.process_index() != 0:
         return
-    check_saved_config(workdir, config)
+    check_saved_config(workdir, config, resume=True)
     path = os.path.join(workdir, "config.json")
     with open(path + ".tmp", "w") as f:
         f.write(config.to_json_best_effort(indent=2))

@@ -8,6 +8,16 @@ from __future__ import annotations
 import os
 
 
+def _folder_path(workdir: str) -> str:
+    """The absolute path of ``workdir``; raises if a file is in its place."""
+    path = os.path.abspath(os.path.expanduser(workdir))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(
+            f"workdir {workdir!r} is a file, not a folder; choose another --workdir"
+        )
+    return path
+
+
 def ensure_writable(workdir: str, subdirs: tuple[str, ...] = ()) -> str:
     """Creates ``workdir`` (and ``subdirs`` in it) and proves it writable.
 
@@ -19,11 +29,7 @@ def ensure_writable(workdir: str, subdirs: tuple[str, ...] = ()) -> str:
       PermissionError: naming the folder, when it cannot be created or
         written (a file in the way, no permission, a read-only disk).
     """
-    path = os.path.abspath(os.path.expanduser(workdir))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise NotADirectoryError(
-            f"workdir {workdir!r} is a file, not a folder; choose another --workdir"
-        )
+    path = _folder_path(workdir)
     try:
         for sub in ("", *subdirs):
             os.makedirs(os.path.join(path, sub), exist_ok=True)
@@ -49,11 +55,7 @@ def check_usable(workdir: str, must_exist: bool) -> str:
     Raises:
       FileNotFoundError, NotADirectoryError, PermissionError: naming the path.
     """
-    path = os.path.abspath(os.path.expanduser(workdir))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise NotADirectoryError(
-            f"workdir {workdir!r} is a file, not a folder; choose another --workdir"
-        )
+    path = _folder_path(workdir)
     if must_exist:
         if not os.path.isdir(path):
             raise FileNotFoundError(

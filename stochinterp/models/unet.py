@@ -26,8 +26,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from stochinterp import sharding
 from stochinterp.models.layers import (
     Attention,
     Conv,
@@ -350,9 +350,8 @@ def _check_labels(model: UNet, labels: jax.Array | None, batch: int) -> None:
             f"labels must be integers of shape [batch] = ({batch},), got "
             f"{labels.dtype} {labels.shape}"
         )
-    try:
-        values = np.asarray(labels)
-    except jax.errors.TracerArrayConversionError:
+    values = sharding.host_values(labels)
+    if values is None:
         return  # traced: values are not known here
     top = model.num_classes + int(model.class_null)
     if values.size and (values.min() < 0 or values.max() >= top):
