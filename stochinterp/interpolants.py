@@ -12,6 +12,9 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from stochinterp import sharding
 
 ScalarFn = Callable[[jax.Array], jax.Array]
 
@@ -32,6 +35,10 @@ class Interpolant:
       has_noise: whether gamma is nonzero (then x_t needs a latent z).
       singular_ends: whether gamma_dot is unbounded at t = 0 and t = 1 (the
         square-root family); t must then stay inside (0, 1).
+
+    ``x_t`` and ``dx_t`` check shapes always and times when their values are
+    concrete (not traced inside ``jax.jit``): t in [0, 1], and in (0, 1) for
+    ``dx_t`` of a path with singular ends.
 
     Example:
 
@@ -56,14 +63,19 @@ class Interpolant:
         """The interpolant at time t.
 
         Args:
-          t: [batch] times (or one scalar time for the whole batch).
+          t: [batch] times in [0, 1] (or one scalar time for the whole batch).
           x0: [batch, ...] base samples.
-          x1: [batch, ...] data.
-          z: [batch, ...] standard normal latent; required when gamma != 0.
+          x1: [batch, ...] data, the shape of x0.
+          z: [batch, ...] standard normal latent, the shape of x0; required
+            when gamma != 0.
 
         Returns:
           [batch, ...] the point x_t on the path.
+
+        Raises:
+          ValueError: for shapes that differ, or concrete times outside [0, 1].
         """
+        self._check_inputs("x_t", t, x0, x1, z, open_ends=False)
         return self._combine(t, x0, x1, z, self.alpha, self.beta, self.gamma)
 
     def dx_t(
@@ -71,20 +83,50 @@ class Interpolant:
     ) -> jax.Array:
         """The time derivative of x_t: the velocity regression target.
 
-        Shapes as in ``x_t``.
+        Shapes and checks as in ``x_t``; with singular ends (gamma_dot
+        unbounded at t = 0 and t = 1) concrete times must lie in (0, 1).
         """
+        self._check_inputs("dx_t", t, x0, x1, z, open_ends=self.singular_ends)
         return self._combine(
             t, x0, x1, z, self.alpha_dot, self.beta_dot, self.gamma_dot
         )
+
+    def _check_inputs(self, method, t, x0, x1, z, open_ends: bool) -> None:
+        """Checks shapes and concrete times: in [0, 1], or (0, 1) with open_ends.
+
+        The shape of t is checked by ``broadcast_time``.
+        """
+        shape = np.shape(x0)
+        if np.shape(x1) != shape:
+            raise ValueError(
+                f"x0 and x1 must have the same shape [batch, ...], got x0 {shape} "
+                f"and x1 {np.shape(x1)}"
+            )
+        if self.has_noise and z is None:
+            raise ValueError(
+                f"interpolant {self.name!r} has gamma != 0 and needs a latent z"
+            )
+        if self.has_noise and np.shape(z) != shape:
+            raise ValueError(f"z must have the shape of x0 {shape}, got {np.shape(z)}")
+
+        values = sharding.host_values(t)
+        if values is None:
+            return
+        if open_ends:
+            inside, wanted = (values > 0) & (values < 1), "0 < t < 1"
+        else:
+            inside, wanted = (values >= 0) & (values <= 1), "0 <= t <= 1"
+        if not inside.all():
+            why = " (gamma_dot is unbounded at the ends)" if open_ends else ""
+            raise ValueError(
+                f"interpolant {self.name!r}: {method} needs {wanted}{why}, got "
+                f"t = {np.unique(values[~inside])[:5].tolist()}"
+            )
 
     def _combine(self, t, x0, x1, z, a, b, g):
         t = broadcast_time(t, x0)
         out = a(t) * x0 + b(t) * x1
         if self.has_noise:
-            if z is None:
-                raise ValueError(
-                    f"interpolant {self.name!r} has gamma != 0 and needs a latent z"
-                )
             out = out + g(t) * z
         return out
 
@@ -105,6 +147,8 @@ def broadcast_time(t: jax.Array, x: jax.Array) -> jax.Array:
       t with trailing unit axes, [] or [batch, 1, ..., 1], so that
       ``alpha(broadcast_time(t, x)) * x`` scales each example by its own time.
     """
+    if np.ndim(x) == 0:
+        raise ValueError("x must be a [batch, ...] array, got a scalar")
     t = jnp.asarray(t)
     if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != x.shape[0]):
         raise ValueError(
@@ -129,16 +173,43 @@ def _sqrt_gamma(a: float) -> tuple[ScalarFn, ScalarFn]:
     return gamma, gamma_dot
 
 
+def _real_scalar(name: str, value) -> float | None:
+    """A real scalar's value as a float; None when it is traced.
+
+    Takes Python and numpy numbers and 0-d arrays alike.
+    """
+    if np.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}")
+    values = sharding.host_values(value)
+    if values is None:
+        return None
+    if not (
+        np.issubdtype(values.dtype, np.integer)
+        or np.issubdtype(values.dtype, np.floating)
+    ):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    return float(values)
+
+
 def _gamma_pair(gamma: str, gamma_scale: float) -> tuple[ScalarFn, ScalarFn]:
+    """gamma and gamma_dot of a named form; gamma_scale must be finite and >= 0.
+
+    The square-root form needs gamma_scale > 0 (at 0 its gamma_dot is 0 / 0).
+    """
+    if not isinstance(gamma, str) or gamma not in ("zero", "sqrt"):
+        raise ValueError(f"gamma must be 'zero' or 'sqrt', got {gamma!r}")
+    scale = _real_scalar("gamma_scale", gamma_scale)
+    if scale is None:
+        raise ValueError("gamma_scale must be a concrete number, got a traced value")
     if gamma == "zero":
+        if not 0.0 <= scale < np.inf:
+            raise ValueError(f"gamma_scale must be finite and >= 0, got {scale}")
         return _zero, _zero
-    if gamma == "sqrt":
-        if not gamma_scale > 0:
-            raise ValueError(
-                f"gamma_scale must be > 0 for gamma='sqrt', got {gamma_scale}"
-            )
-        return _sqrt_gamma(float(gamma_scale))
-    raise ValueError(f"gamma must be 'zero' or 'sqrt', got {gamma!r}")
+    if not 0.0 < scale < np.inf:
+        raise ValueError(
+            f"gamma_scale must be finite and > 0 for gamma='sqrt', got {scale}"
+        )
+    return _sqrt_gamma(scale)
 
 
 def _path(
@@ -169,7 +240,8 @@ def linear(gamma: str = "zero", gamma_scale: float = 1.0) -> Interpolant:
 
     Args:
       gamma: ``'zero'`` or ``'sqrt'`` (gamma = sqrt(gamma_scale t (1 - t))).
-      gamma_scale: the factor a of the square-root form; must be > 0.
+      gamma_scale: the factor a of the square-root form: finite and > 0 (any
+        finite value >= 0 with ``gamma='zero'``, which ignores it).
     """
     return _path(
         "linear",
@@ -227,12 +299,14 @@ def custom(
         function of t with gamma(0) = gamma(1) = 0. A user-given gamma whose
         derivative is unbounded at the ends must be used with t_min > 0 and
         t_max < 1; nothing here can detect that.
-      gamma_scale: the factor of the ``'sqrt'`` form.
+      gamma_scale: the factor of the ``'sqrt'`` form, as in ``linear``.
       check_boundaries: check the boundary values (to 1e-6) before pinning.
-      gamma_dot: the derivative of a user-given gamma, or None for autodiff.
+      gamma_dot: the derivative of a user-given gamma, or None for autodiff;
+        only with a user-given gamma.
 
     Raises:
-      ValueError: if the boundary conditions alpha(0) = beta(1) = 1,
+      ValueError: if a function is not callable, gamma_dot comes without a
+        user-given gamma, or the boundary conditions alpha(0) = beta(1) = 1,
         alpha(1) = beta(0) = 0 (and gamma(0) = gamma(1) = 0 for a user-given
         gamma) do not hold to 1e-6.
 
@@ -243,6 +317,18 @@ def custom(
         )
     """
     user_gamma = callable(gamma)
+    _check_functions(
+        alpha=alpha,
+        beta=beta,
+        alpha_dot=alpha_dot,
+        beta_dot=beta_dot,
+        gamma_dot=gamma_dot,
+    )
+    if gamma_dot is not None and not user_gamma:
+        raise ValueError(
+            f"gamma_dot is given but gamma is {gamma!r}; gamma_dot belongs to a "
+            "user-given gamma function"
+        )
     if check_boundaries:
         _check_ends("alpha", alpha, 1.0, 0.0)
         _check_ends("beta", beta, 0.0, 1.0)
@@ -267,6 +353,15 @@ def custom(
         has_noise=has_noise,
         singular_ends=singular,
     )
+
+
+def _check_functions(**functions) -> None:
+    """Raises unless alpha and beta are callable, and the others callable or None."""
+    for name, fn in functions.items():
+        optional = name not in ("alpha", "beta")
+        if not callable(fn) and not (optional and fn is None):
+            expected = "a function of t" + (" or None" if optional else "")
+            raise ValueError(f"{name} must be {expected}, got {fn!r}")
 
 
 def _check_ends(name: str, fn: ScalarFn, at0: float, at1: float) -> None:
@@ -303,7 +398,7 @@ def from_config(
     name: str, gamma: str = "zero", gamma_scale: float = 1.0
 ) -> Interpolant:
     """Builds a named family: ``'linear'`` or ``'trigonometric'``."""
-    if name not in _FAMILIES:
+    if not isinstance(name, str) or name not in _FAMILIES:
         raise ValueError(
             f"interpolant {name!r} is not known; choose one of {sorted(_FAMILIES)}"
         )
@@ -337,13 +432,21 @@ def sample_times(key: jax.Array, n: int, t_min: float, t_max: float) -> jax.Arra
 
     Args:
       key: PRNG key.
-      n: number of times.
-      t_min, t_max: the range; checked with ``check_time_range`` when given
-        as Python numbers.
+      n: number of times, a positive integer.
+      t_min, t_max: the range, scalars; checked with ``check_time_range`` when
+        their values are concrete (Python or numpy numbers, or arrays outside
+        ``jax.jit``), each against [0, 1] when only one is.
 
     Returns:
       [n] times.
     """
-    if isinstance(t_min, (int, float)) and isinstance(t_max, (int, float)):
-        check_time_range(t_min, t_max)
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n <= 0:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    low = _real_scalar("t_min", t_min)
+    high = _real_scalar("t_max", t_max)
+    if low is not None and high is not None:
+        check_time_range(low, high)
+    for name, value in (("t_min", low), ("t_max", high)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {name}={value}")
     return jax.random.uniform(key, (n,), minval=t_min, maxval=t_max)

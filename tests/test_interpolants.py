@@ -169,3 +169,105 @@ def test_broadcast_time():
     with pytest.raises(ValueError, match=r"\[3\].*\(3, 2\)"):
         interpolants.linear().x_t(jnp.zeros((3, 2)), x, x)
     np.testing.assert_allclose(interpolants.linear().x_t(0.25, 0 * x, x), 0.25)
+
+
+def test_x0_x1_and_z_must_share_one_shape():
+    path = interpolants.linear()
+    x = jnp.zeros((2, 4, 4, 3))
+    with pytest.raises(ValueError, match=r"x0 \(2, 4, 4, 3\) and x1 \(2, 4, 4, 1\)"):
+        path.x_t(jnp.full((2,), 0.5), x, jnp.zeros((2, 4, 4, 1)))
+    # One example against two, with one time for both.
+    with pytest.raises(ValueError, match=r"x0 \(1, 4, 4, 3\) and x1 \(2, 4, 4, 3\)"):
+        path.dx_t(0.5, jnp.zeros((1, 4, 4, 3)), x)
+    noisy = interpolants.linear(gamma="sqrt")
+    with pytest.raises(ValueError, match=r"z .*\(2, 4, 4, 3\), got \(2, 4, 4, 1\)"):
+        noisy.x_t(0.5, x, x, jnp.zeros((2, 4, 4, 1)))
+    # Shapes are static: they are checked inside jit too.
+    with pytest.raises(ValueError, match=r"x1 \(2, 4, 4, 1\)"):
+        jax.jit(path.x_t)(0.5, x, jnp.zeros((2, 4, 4, 1)))
+
+
+@pytest.mark.parametrize("method", ["x_t", "dx_t"])
+@pytest.mark.parametrize("bad", [1.5, -0.5, float("nan"), np.float32(1.5)])
+def test_concrete_times_outside_the_unit_interval_raise(method, bad):
+    x0, x1, z = _points()
+    for path in (interpolants.linear(), interpolants.trigonometric(gamma="sqrt")):
+        t = jnp.array([0.5, bad, 0.2, 0.3, 0.4])
+        with pytest.raises(ValueError, match=rf"{method} needs .*t = \[{bad}\]"):
+            getattr(path, method)(t, x0, x1, z)
+        with pytest.raises(ValueError, match=rf"t = \[{bad}\]"):
+            getattr(path, method)(bad, x0, x1, z)
+
+
+def test_times_are_checked_only_when_concrete():
+    x0, x1, z = _points()
+    path = interpolants.linear(gamma="sqrt")
+    # Traced times cannot be read: they pass (and extrapolate).
+    out = jax.jit(path.x_t)(jnp.full((5,), 1.5), x0, x1, z)
+    assert out.shape == x0.shape
+    # The ends are valid times, except for dx_t where gamma_dot is unbounded.
+    path.x_t(jnp.array([0.0, 1.0, 0.0, 1.0, 0.5]), x0, x1, z)
+    interpolants.linear().dx_t(1.0, x0, x1)
+    with pytest.raises(ValueError, match=r"0 < t < 1.*unbounded.*t = \[0.0, 1.0\]"):
+        path.dx_t(jnp.array([0.0, 1.0, 0.0, 0.5, 0.5]), x0, x1, z)
+
+
+@pytest.mark.parametrize("family", ["linear", "trigonometric", "custom"])
+@pytest.mark.parametrize("scale", [float("inf"), float("nan"), -float("inf"), 0.0])
+def test_sqrt_gamma_scale_must_be_finite_and_positive(family, scale):
+    build = {
+        "linear": interpolants.linear,
+        "trigonometric": interpolants.trigonometric,
+        "custom": lambda **kw: interpolants.custom(lambda t: 1 - t, lambda t: t, **kw),
+    }[family]
+    with pytest.raises(ValueError, match=rf"finite and > 0.*got {scale}"):
+        build(gamma="sqrt", gamma_scale=scale)
+    with pytest.raises(ValueError, match=rf"got {scale}"):
+        interpolants.from_config("linear", "sqrt", np.float32(scale))
+
+
+def test_gamma_scale_of_the_zero_form_must_still_be_a_finite_number():
+    assert interpolants.linear(gamma_scale=0.0).name == "linear"
+    for scale in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match=rf"finite and >= 0, got {scale}"):
+            interpolants.linear(gamma_scale=scale)
+    with pytest.raises(ValueError, match="real number, got '1.0'"):
+        interpolants.linear(gamma="sqrt", gamma_scale="1.0")
+    with pytest.raises(ValueError, match=r"scalar, got shape \(2,\)"):
+        interpolants.trigonometric(gamma="sqrt", gamma_scale=jnp.ones(2))
+
+
+def test_custom_needs_functions():
+    with pytest.raises(ValueError, match="alpha must be a function of t, got 0.5"):
+        interpolants.custom(alpha=0.5, beta=lambda t: t)
+    with pytest.raises(ValueError, match="beta_dot must be .* or None, got 1.0"):
+        interpolants.custom(alpha=lambda t: 1 - t, beta=lambda t: t, beta_dot=1.0)
+    with pytest.raises(ValueError, match="gamma_dot is given but gamma is 'sqrt'"):
+        interpolants.custom(
+            alpha=lambda t: 1 - t,
+            beta=lambda t: t,
+            gamma="sqrt",
+            gamma_dot=lambda t: t,
+        )
+
+
+def test_sample_times_checks_numpy_and_array_bounds():
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="t_min=-1.0, t_max=2.0"):
+        interpolants.sample_times(key, 4, np.float32(-1), np.float32(2))
+    with pytest.raises(ValueError, match="t_min=0.5, t_max=0.25"):
+        interpolants.sample_times(key, 4, jnp.float32(0.5), np.float64(0.25))
+    with pytest.raises(ValueError, match=r"t_max must be a scalar, got shape \(2,\)"):
+        interpolants.sample_times(key, 4, 0.0, np.ones(2))
+    with pytest.raises(ValueError, match="n must be a positive integer, got 0"):
+        interpolants.sample_times(key, 0, 0.0, 1.0)
+    t = interpolants.sample_times(key, 4, np.float32(0.25), np.float32(0.5))
+    assert 0.25 <= float(t.min()) and float(t.max()) < 0.5
+
+
+def test_sample_times_checks_what_is_concrete_inside_jit():
+    key = jax.random.key(0)
+    t = jax.jit(lambda lo, hi: interpolants.sample_times(key, 4, lo, hi))(0.25, 0.5)
+    assert t.shape == (4,)
+    with pytest.raises(ValueError, match="t_min=-1.0"):
+        jax.jit(lambda hi: interpolants.sample_times(key, 4, np.float32(-1), hi))(0.5)

@@ -131,11 +131,61 @@ def decode_image_bytes(data: bytes, size: int, name: str = "<bytes>") -> np.ndar
 
 
 def to_unit_range(images: np.ndarray) -> np.ndarray:
-    """Maps uint8 ``[..., H, W, C]`` pixels to float32 in ``[-1, 1]``."""
+    """Maps uint8 ``[..., H, W, C]`` pixels to float32 in ``[-1, 1]``.
+
+    Raises:
+      ValueError: for fewer than 3 axes, or another dtype than uint8 (float
+        images in [0, 1], 16-bit pixels): convert those to uint8 first, as
+        ``to_rgb`` does for PIL images.
+    """
+    images = np.asarray(images)
+    _check_image_axes("to_unit_range", images)
+    if images.dtype != np.uint8:
+        raise ValueError(
+            f"to_unit_range takes uint8 pixels in [0, 255], got dtype "
+            f"{images.dtype}; convert the images to uint8 first"
+        )
     return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
 def from_unit_range(images: np.ndarray) -> np.ndarray:
-    """Inverse of ``to_unit_range``, clipping and rounding to uint8."""
-    pixels = (np.asarray(images, dtype=np.float32) + 1.0) * 127.5
+    """Inverse of ``to_unit_range``, clipping and rounding to uint8.
+
+    Values a little outside [-1, 1] (a sampler's overshoot) are clipped.
+
+    Args:
+      images: ``[..., H, W, C]`` floats in [-1, 1].
+
+    Returns:
+      ``[..., H, W, C]`` uint8 pixels.
+
+    Raises:
+      ValueError: for fewer than 3 axes, a dtype that is not floating point
+        (uint8 pixels are already converted), or a NaN or infinite value.
+    """
+    images = np.asarray(images)
+    _check_image_axes("from_unit_range", images)
+    # JAX hands bfloat16 over as a float type numpy does not class as floating.
+    if not (
+        np.issubdtype(images.dtype, np.floating) or images.dtype.name == "bfloat16"
+    ):
+        raise ValueError(
+            f"from_unit_range takes float images in [-1, 1], got dtype {images.dtype}"
+        )
+    images = images.astype(np.float32)
+    finite = np.isfinite(images)
+    if not finite.all():
+        raise ValueError(
+            f"from_unit_range takes finite values in [-1, 1], got "
+            f"{np.count_nonzero(~finite)} non-finite values: "
+            f"{np.unique(images[~finite]).tolist()}"
+        )
+    pixels = (images + 1.0) * 127.5
     return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+
+
+def _check_image_axes(name: str, images: np.ndarray) -> None:
+    if images.ndim < 3:
+        raise ValueError(
+            f"{name} takes [..., H, W, C] images, got shape {images.shape}"
+        )

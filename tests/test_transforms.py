@@ -1,0 +1,55 @@
+"""Pixel conversions between stored uint8 images and the model's [-1, 1]."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stochinterp.data import transforms
+
+
+def test_uint8_round_trip_is_exact():
+    pixels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+    images = transforms.to_unit_range(pixels)
+    assert images.dtype == np.float32
+    assert images.min() == -1.0 and images.max() == 1.0
+    np.testing.assert_array_equal(transforms.from_unit_range(images), pixels)
+
+
+@pytest.mark.parametrize(
+    "images",
+    [
+        np.ones((1, 2, 2, 3), np.float32),  # a float image in [0, 1]
+        np.full((1, 2, 2, 3), 65535, np.uint16),
+        np.zeros((2, 2, 3), np.int64),
+        np.zeros((2, 2, 3), bool),
+    ],
+)
+def test_to_unit_range_takes_uint8_only(images):
+    with pytest.raises(ValueError, match=f"uint8 .* got dtype {images.dtype}"):
+        transforms.to_unit_range(images)
+
+
+def test_both_directions_need_image_axes():
+    with pytest.raises(ValueError, match=r"\[\.\.\., H, W, C\] .* shape \(8, 8\)"):
+        transforms.to_unit_range(np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError, match=r"\[\.\.\., H, W, C\] .* shape \(\)"):
+        transforms.from_unit_range(np.float32("nan"))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_from_unit_range_refuses_non_finite_values(bad):
+    images = np.zeros((1, 2, 2, 3), np.float32)
+    images[0, 1, 0, 2] = bad
+    with pytest.raises(ValueError, match=rf"finite .* 1 non-finite values: \[{bad}\]"):
+        transforms.from_unit_range(images)
+
+
+def test_from_unit_range_refuses_pixels_already_converted():
+    with pytest.raises(ValueError, match="float images .* got dtype uint8"):
+        transforms.from_unit_range(np.full((1, 2, 2, 3), 255, np.uint8))
+
+
+def test_from_unit_range_clips_overshoot_and_takes_bfloat16():
+    images = jnp.array([-1.3, -1.0, 0.0, 1.0, 1.2], jnp.bfloat16).reshape(1, 1, 5, 1)
+    got = transforms.from_unit_range(images).ravel()
+    np.testing.assert_array_equal(got, [0, 0, 128, 255, 255])
