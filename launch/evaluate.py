@@ -33,6 +33,7 @@ def main(argv):
     from stochinterp import pipeline, sharding
 
     mesh = sharding.make_mesh()
+    pipeline.check_inpainting(config)
     pipeline.validate_sampling(config, mesh)
     pipeline.check_held_out_size(config, config.eval.num_images)
     model, variables, step = pipeline.load_variables(

@@ -140,6 +140,8 @@ def box_downsample(x: jax.Array, factor: int) -> jax.Array:
 def nearest_upsample(x: jax.Array, factor: int) -> jax.Array:
     """Repeats each pixel factor x factor times: [B, h, w, C] -> [B, fh, fw, C]."""
     _check_positive_int("super-resolution factor", factor)
+    if jnp.ndim(x) != 4:
+        raise ValueError(f"expected images [batch, h, w, C], got shape {jnp.shape(x)}")
     return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
 
 
@@ -300,17 +302,7 @@ class ClassConditioning:
     def __call__(
         self, key: jax.Array, x1: jax.Array, labels: jax.Array | None = None
     ) -> CouplingSample:
-        if labels is None:
-            raise ValueError("a class-conditional coupling needs labels, got None")
-        labels = jnp.asarray(labels)
-        if not jnp.issubdtype(labels.dtype, jnp.integer):
-            raise ValueError(f"class labels must be integers, got dtype {labels.dtype}")
-        if labels.shape != jnp.shape(x1)[:1]:
-            raise ValueError(
-                f"class labels of shape {labels.shape} do not match x1 of shape "
-                f"{jnp.shape(x1)}; expected shape ({jnp.shape(x1)[0]},)"
-            )
-        _check_label_values(labels, self.num_classes)
+        self.check_labels(labels, jnp.shape(x1)[0])
         key_base, key_drop = jax.random.split(key)
         sample = self.base(key_base, x1, None)
         labels = labels.astype(jnp.int32)
@@ -318,6 +310,24 @@ class ClassConditioning:
             drop = jax.random.bernoulli(key_drop, self.p_uncond, labels.shape)
             labels = jnp.where(drop, self.num_classes, labels)
         return sample.replace(labels=labels)
+
+    def check_labels(self, labels, batch: int) -> None:
+        """Raises unless ``labels`` are [batch] integers in [0, num_classes).
+
+        Shape and dtype are always checked, values when they can be read
+        (not inside jit): check host labels before a jitted call.
+        """
+        if labels is None:
+            raise ValueError("a class-conditional coupling needs labels, got None")
+        dtype = jnp.result_type(labels)
+        if not jnp.issubdtype(dtype, jnp.integer):
+            raise ValueError(f"class labels must be integers, got dtype {dtype}")
+        if jnp.shape(labels) != (batch,):
+            raise ValueError(
+                f"class labels of shape {jnp.shape(labels)} do not match a batch "
+                f"of {batch} images; expected shape ({batch},)"
+            )
+        _check_label_values(labels, self.num_classes)
 
     @property
     def cond_channels_per_image_channel(self) -> tuple[int, int]:
@@ -368,6 +378,11 @@ def from_config(config) -> Coupling:
     ``class_channel`` configures the network, not the coupling.)
     """
     name = config.name
+    # Every field is checked, also those the chosen coupling does not read: a
+    # bad value there is a mistake that would otherwise pass unnoticed.
+    _check_probability("coupling.p_uncond", config.p_uncond)
+    if not 0 <= config.sigma < float("inf"):
+        raise ValueError(f"coupling.sigma must be finite and >= 0, got {config.sigma}")
     inpaint = lambda: InpaintingCoupling(grid=config.grid, p=config.p)  # noqa: E731
     superres = lambda: SuperResolutionCoupling(  # noqa: E731
         factor=config.factor, sigma=config.sigma
@@ -393,3 +408,19 @@ def from_config(config) -> Coupling:
     if config.num_classes:
         coupling = ClassConditioning(coupling, config.num_classes, config.p_uncond)
     return coupling
+
+
+def base_noise_scale(coupling: Coupling) -> float | None:
+    """The noise scale sigma of x0 on the pixels that move, when it is known.
+
+    In-painting (hidden pixels) and the independent baseline: 1;
+    super-resolution: its ``sigma``; a class-conditional coupling: that of its
+    base. None for other (user-written) couplings.
+    """
+    if isinstance(coupling, ClassConditioning):
+        return base_noise_scale(coupling.base)
+    if isinstance(coupling, InpaintingCoupling | IndependentCoupling):
+        return 1.0
+    if isinstance(coupling, SuperResolutionCoupling):
+        return float(coupling.sigma)
+    return None

@@ -132,9 +132,26 @@ def sample_coupling(
 
     Returns:
       (samples [n, H, W, C] numpy, the CouplingSample as numpy, SamplerInfo).
+
+    Raises:
+      ValueError: before sampling, for labels that are missing, not [n]
+        integers or outside [0, num_classes) (class-conditional couplings),
+        and for Euler-Maruyama settings that the score of a gamma = 0 path
+        makes unstable (``fields.check_velocity_score_steps``).
+      FloatingPointError: when a sample holds a non-finite value.
     """
     mesh = sharding.make_mesh() if mesh is None else mesh
     sharding.check_global_batch(x1.shape[0], mesh)
+    # Values are checked here, on the host: inside the jitted program below
+    # the coupling and the network see traced labels and cannot.
+    if isinstance(coupling, couplings.ClassConditioning):
+        coupling.check_labels(
+            np.asarray(labels) if labels is not None else None, len(x1)
+        )
+    if settings.needs_score and not interpolant.has_noise:
+        sigma = couplings.base_noise_scale(coupling)
+        if sigma is not None:
+            fields.check_velocity_score_steps(settings, interpolant, sigma)
     put = lambda a: jax.device_put(jnp.asarray(a), sharding.batch_sharding(mesh))  # noqa: E731
     x1 = put(np.asarray(x1, np.float32))
     labels = None if labels is None else put(np.asarray(labels, np.int32))
@@ -162,7 +179,15 @@ def sample_coupling(
 
     out, sample, info = run(variables, x1, labels)
     samplers.check_info(info)
-    return np.asarray(out), jax.tree.map(np.asarray, sample), info
+    out = np.asarray(out)
+    bad = int(np.sum(~np.all(np.isfinite(out.reshape(len(out), -1)), axis=1)))
+    if bad:
+        raise FloatingPointError(
+            f"{bad} of {len(out)} samples hold non-finite values (sampler "
+            f"{settings.method!r}); the network or the sampler settings diverge: "
+            "try more steps, another sampler or a smaller eps_scale"
+        )
+    return out, jax.tree.map(np.asarray, sample), info
 
 
 def inpainting_metrics(samples: np.ndarray, x1: np.ndarray, mask: np.ndarray) -> dict:

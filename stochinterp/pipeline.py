@@ -20,6 +20,7 @@ from stochinterp import (
     checkpointing,
     couplings,
     evaluate,
+    fields,
     input_errors,
     interpolants,
     samplers,
@@ -80,6 +81,10 @@ def validate_sampling(config, mesh, num_images: int | None = None) -> None:
             "sampler.method='euler_maruyama' with gamma > 0 needs the denoiser: "
             "set train.denoiser=True (or sampler.eps_scale=0)"
         )
+    if settings.needs_score and not interpolant.has_noise:
+        sigma = couplings.base_noise_scale(couplings.from_config(config.coupling))
+        if sigma is not None:
+            fields.check_velocity_score_steps(settings, interpolant, sigma)
     _guidance(config)
 
 
@@ -134,6 +139,8 @@ def load_variables(config, workdir: str, mesh, use_ema: bool):
 def _guidance(config) -> tuple[float, int] | None:
     """(scale, null label) when classifier-free guidance is asked for."""
     scale = config.sampler.guidance_scale
+    if not np.isfinite(scale):
+        raise ValueError(f"sampler.guidance_scale must be finite, got {scale}")
     if scale == 1.0:
         return None
     cc = config.coupling
@@ -175,6 +182,18 @@ def sample_test_images(config, model, variables, mesh, n: int, seed: int):
     return x1, samples, sample, info, time.time() - start
 
 
+@input_errors.checks
+def check_inpainting(config) -> None:
+    """Raises unless the config is an in-painting one (what evaluation measures)."""
+    if not is_inpainting(config):
+        raise ValueError(
+            "in-painting evaluation needs coupling.name='inpainting' (or "
+            "'independent' with baseline_condition='inpainting'), got "
+            f"coupling.name={config.coupling.name!r}; use launch.sample for "
+            "other couplings"
+        )
+
+
 def evaluate_inpainting(
     config, model, variables, workdir: str, mesh, picture: str = "inpaint.png"
 ) -> dict:
@@ -184,12 +203,7 @@ def evaluate_inpainting(
     its first conditioning channel (it does not hold known pixels fixed, so
     its ``known_pixels_exact`` is normally False).
     """
-    if not is_inpainting(config):
-        raise NotImplementedError(
-            "in-painting evaluation needs coupling.name='inpainting' (or "
-            "'independent' with baseline_condition='inpainting'), got "
-            f"{config.coupling.name!r}; use launch.sample for other couplings"
-        )
+    check_inpainting(config)
     x1, samples, sample, info, seconds = sample_test_images(
         config, model, variables, mesh, config.eval.num_images, config.eval.seed
     )

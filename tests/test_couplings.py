@@ -244,6 +244,25 @@ def test_from_config_builds_every_coupling():
         couplings.from_config(_config(name="independent", baseline_condition="both"))
     with pytest.raises(ValueError, match="1.2"):
         couplings.from_config(_config(p=1.2))
+    # Fields the chosen coupling does not read are checked all the same.
+    with pytest.raises(ValueError, match="p_uncond.*2"):
+        couplings.from_config(_config(num_classes=0, p_uncond=2.0))
+    with pytest.raises(ValueError, match="sigma.*nan"):
+        couplings.from_config(_config(sigma=float("nan")))
+
+
+def test_base_noise_scale_of_each_coupling():
+    assert couplings.base_noise_scale(InpaintingCoupling()) == 1.0
+    assert couplings.base_noise_scale(IndependentCoupling()) == 1.0
+    assert couplings.base_noise_scale(SuperResolutionCoupling(2, 0.25)) == 0.25
+    wrapped = ClassConditioning(SuperResolutionCoupling(2, 0.0), 10)
+    assert couplings.base_noise_scale(wrapped) == 0.0
+    assert couplings.base_noise_scale(lambda key, x1, labels=None: None) is None
+
+
+def test_nearest_upsample_needs_image_batches():
+    with pytest.raises(ValueError, match=r"\[batch, h, w, C\].*\(4, 8, 3\)"):
+        couplings.nearest_upsample(jnp.zeros((4, 8, 3)), 2)
 
 
 def test_user_defined_coupling():

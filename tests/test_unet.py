@@ -213,6 +213,7 @@ def test_labels_for_a_model_without_classes_raise():
         (dict(dtype=jnp.int32), "dtype must be"),
         (dict(attn_heads=0), "attn_heads must be a positive integer, got 0"),
         (dict(full_attn_dim_head=2.5), "full_attn_dim_head .* got 2.5"),
+        (dict(resnet_block_groups=0), "resnet_block_groups must be a positive .* 0"),
     ],
 )
 def test_bad_configs_raise(kwargs, message):

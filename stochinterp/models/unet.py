@@ -292,8 +292,10 @@ def _check_config(model: UNet) -> None:
             " with at least one multiplier"
         )
     g = model.resnet_block_groups
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        raise ValueError(f"resnet_block_groups must be a positive integer, got {g!r}")
     bad = [model.dim * m for m in (1, *mults) if (model.dim * m) % g]
-    if g <= 0 or bad:
+    if bad:
         raise ValueError(
             f"resnet_block_groups={g} must divide every width; widths {bad} "
             f"(dim={model.dim} x dim_mults={mults}) are not multiples of it"
