@@ -35,6 +35,7 @@ def main(argv):
     mesh = sharding.make_mesh()
     pipeline.check_inpainting(config)
     pipeline.validate_sampling(config, mesh)
+    pipeline.check_trained_workdir(config, workdir)
     pipeline.check_held_out_size(config, config.eval.num_images)
     model, variables, step = pipeline.load_variables(
         config, workdir, mesh, config.eval.use_ema

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from stochinterp import couplings, fields, interpolants, samplers, sharding
+from stochinterp.data import transforms
 
 
 def psnr_from_mse(mse: float, data_range: float = 2.0) -> float:
@@ -44,13 +45,6 @@ def mean_fill(x1: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(known > 0, x1, np.broadcast_to(mean, x1.shape))
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[-1, 1] floats to [0, 255] uint8."""
-    return np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(
-        np.uint8
-    )
-
-
 def save_grid(path: str, rows: list[np.ndarray], scale: int = 4, pad: int = 2) -> None:
     """Writes rows of images as one PNG.
 
@@ -64,7 +58,7 @@ def save_grid(path: str, rows: list[np.ndarray], scale: int = 4, pad: int = 2) -
     cell_h, cell_w = height * scale + pad, width * scale + pad
     canvas = np.full((len(rows) * cell_h + pad, n * cell_w + pad, 3), 255, np.uint8)
     for r, row in enumerate(rows):
-        pixels = to_uint8(row)
+        pixels = transforms.from_unit_range(row)
         if pixels.shape[-1] == 1:
             pixels = np.repeat(pixels, 3, axis=-1)
         pixels = pixels.repeat(scale, axis=1).repeat(scale, axis=2)

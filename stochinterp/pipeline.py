@@ -104,6 +104,27 @@ def check_held_out_size(config, num_images: int) -> None:
         )
 
 
+def _no_checkpoint(workdir: str) -> FileNotFoundError:
+    directory = os.path.join(workdir, "checkpoints")
+    return FileNotFoundError(
+        f"no complete checkpoint in {directory!r}; train first with "
+        f"python -m launch.train --workdir {workdir} (a run in progress writes "
+        "its first one after train.checkpoint_every steps)"
+    )
+
+
+@input_errors.checks
+def check_trained_workdir(config, workdir: str) -> None:
+    """Raises unless ``workdir`` holds checkpoints of a run with this config.
+
+    Cheap (reads ``config.json`` only): launchers call it before any work.
+    The fields that must match are those of ``train.check_saved_config``.
+    """
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise _no_checkpoint(workdir)
+    train.check_saved_config(workdir, config)
+
+
 @input_errors.checks
 def load_variables(config, workdir: str, mesh, use_ema: bool):
     """Restores the latest checkpoint: returns (model, variables, step).
@@ -112,13 +133,7 @@ def load_variables(config, workdir: str, mesh, use_ema: bool):
     are input errors (``stochinterp.input_errors``).
     """
     directory = os.path.join(workdir, "checkpoints")
-    missing = FileNotFoundError(
-        f"no checkpoint in {directory!r}; train first with "
-        f"python -m launch.train --workdir {workdir}"
-    )
-    if not os.path.isdir(directory):
-        raise missing
-    train.check_saved_config(workdir, config)
+    check_trained_workdir(config, workdir)
     _, _, model, _, optimizer = train.setup(config, mesh)
     template = jax.eval_shape(
         lambda: train.init_state(
@@ -131,7 +146,7 @@ def load_variables(config, workdir: str, mesh, use_ema: bool):
     restored = checkpointing.restore_latest(manager, template, mesh)
     manager.close()
     if restored is None:
-        raise missing
+        raise _no_checkpoint(workdir)
     step, state, _ = restored
     return model, state.ema_params if use_ema else state.params, step
 
@@ -234,8 +249,10 @@ def train_and_evaluate(
     ``train.num_steps``) keeps an existing ``metrics.json`` and returns it.
     """
     mesh = sharding.make_mesh()
+    # The sampler fields are saved with the run and used by launch.sample and
+    # launch.evaluate later: they are checked even when nothing is sampled now.
+    validate_sampling(config, mesh)
     if evaluate_after and is_inpainting(config):
-        validate_sampling(config, mesh)
         with input_errors.checking_input():
             train.validate_config(config, mesh)
             data_lib.validate(config.data)

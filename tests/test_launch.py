@@ -131,3 +131,56 @@ def test_a_checked_value_ends_with_one_line_unless_asked_for_the_traceback(
     monkeypatch.setenv("STOCHINTERP_TRACEBACK", "1")
     result = run_train(*args, tmp_path=tmp_path)
     assert result.returncode == 1 and "Traceback" in result.stderr
+
+
+def test_sampler_fields_are_checked_when_nothing_is_sampled(tmp_path):
+    result = run_train(
+        "--workdir",
+        str(tmp_path / "wd"),
+        "--noevaluate",
+        "--config.sampler.method=foo",
+        tmp_path=tmp_path,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "'foo'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "wd").exists()
+
+
+def test_evaluating_another_coupling_is_one_line(tmp_path):
+    (tmp_path / "wd").mkdir()
+    result = run_train(
+        "--workdir",
+        str(tmp_path / "wd"),
+        "--config",
+        "configs/superres_photos32.py",
+        tmp_path=tmp_path,
+        launcher="evaluate",
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "coupling.name='superres'" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("launcher", ["sample", "evaluate"])
+def test_a_config_of_another_run_is_refused_before_any_data_is_built(
+    tmp_path, launcher
+):
+    sys.path.insert(0, REPO)
+    from configs import inpaint_photos16
+
+    workdir = tmp_path / "wd"
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "config.json").write_text(
+        inpaint_photos16.get_config().to_json_best_effort()
+    )
+    result = run_train(
+        "--workdir",
+        str(workdir),
+        "--config",
+        "configs/inpaint_photos32.py",
+        tmp_path=tmp_path,
+        launcher=launcher,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "another config" in result.stderr and "data.image_size" in result.stderr
+    assert not (tmp_path / "data").exists()
