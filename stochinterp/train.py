@@ -14,7 +14,12 @@ Faults:
 * The run resumes from the latest complete checkpoint in the workdir: step,
   parameters, EMA, optimizer state (so the learning-rate schedule goes on),
   PRNG key and the data iterator position. On the same device layout the
-  resumed run is bit-identical to an uninterrupted one.
+  resumed run is bit-identical to an uninterrupted one. Records of
+  ``train_log.jsonl`` after the resumed step (training that was rolled back)
+  are dropped, so each step is logged once.
+* A latest checkpoint that cannot be read (or has no data iterator
+  position) stops the run with an error naming it and the latest earlier
+  checkpoint that reads; nothing is moved or deleted.
 * SIGTERM (or the ``train.max_seconds`` budget) saves a checkpoint and
   returns with ``TrainResult.preempted`` (``out_of_time``). With several
   processes they agree to stop at the next log or checkpoint step.
@@ -344,7 +349,8 @@ class _Logger:
     """One line per ``every`` steps: step, loss, mse, steps/s, ETA.
 
     Every process keeps the history; only process 0 logs and writes
-    ``train_log.jsonl``.
+    ``train_log.jsonl``. Records after ``first_step`` in an existing log
+    describe training that the resume rolled back; they are dropped.
     """
 
     def __init__(
@@ -357,6 +363,8 @@ class _Logger:
         self.last_time = time.time()
         self.last_step = first_step
         self.path = os.path.join(workdir, "train_log.jsonl")
+        if jax.process_index() == 0:
+            _drop_records_after(self.path, first_step)
 
     def add(self, metrics: dict) -> None:
         self.pending.append(metrics)
@@ -412,6 +420,38 @@ class _Logger:
         return record
 
 
+def _drop_records_after(path: str, step: int) -> None:
+    """Rewrites the log ``path`` without its records of steps after ``step``.
+
+    A line cut short by a kill (no newline at the end) is dropped too; other
+    lines that are not records are kept as they are. The file is replaced
+    atomically, so a kill meanwhile leaves the old or the new one.
+    """
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.endswith("\n") and not _after(line, step)]
+    if kept == lines:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _after(line: str, step: int) -> bool:
+    """Whether ``line`` is a log record of a step after ``step``."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    logged = record.get("step") if isinstance(record, dict) else None
+    return isinstance(logged, int) and logged > step
+
+
 def _model_inputs(batch: dict, config) -> dict:
     """Keeps the labels only for class-conditional models."""
     if config.coupling.num_classes:
@@ -424,15 +464,20 @@ def _start_state(config, model, optimizer, coupling, manager, loader, mesh):
 
     Returns:
       (state, step of the state).
+
+    Raises:
+      checkpointing.UnreadableCheckpointError: if the latest checkpoint
+        cannot be read or has no data position (an input error).
     """
     if manager.latest_step() is None:
         return init_state(config, model, optimizer, coupling, mesh), 0
     template = jax.eval_shape(
         lambda: init_state(config, model, optimizer, coupling, mesh)
     )
-    step, state, data_state = checkpointing.restore_latest(manager, template, mesh)
-    if data_state is not None:
-        loader.set_state(data_state)
+    step, state, data_state = checkpointing.restore_latest(
+        manager, template, mesh, need_data=True
+    )
+    loader.set_state(data_state)
     log.info("resumed from the checkpoint at step %d", step)
     if step >= config.train.num_steps:
         log.warning(
@@ -563,8 +608,12 @@ def _run(config, workdir, mesh, coupling, model, loss_fn, optimizer) -> TrainRes
     loader = data_lib.make_loader_from_config(
         config.data, split="train", global_batch=tc.global_batch
     )
+    # This run holds the workdir lock: no other save can be in progress.
     manager = checkpointing.make_manager(
-        os.path.join(workdir, "checkpoints"), tc.keep_checkpoints, tc.async_checkpoint
+        os.path.join(workdir, "checkpoints"),
+        tc.keep_checkpoints,
+        tc.async_checkpoint,
+        remove_unfinished=True,
     )
     try:
         with _Preemption() as preemption:  # from here SIGTERM stops cleanly

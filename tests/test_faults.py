@@ -2,13 +2,17 @@
 
 Every run trains the tiny model of ``_train_worker.tiny_overrides`` in a
 subprocess on 2 CPU devices (20 steps, a checkpoint every 5) and is compared
-with one uninterrupted reference run.
+with one uninterrupted reference run. Damaged checkpoints are damaged copies
+of the reference run's workdir.
 """
 
+import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 
 import _train_helpers as helpers
 import jax
@@ -46,6 +50,18 @@ def resume(workdir: str, root: str) -> tuple[dict, dict]:
         return json.load(f), helpers.load_dump(dump)
 
 
+def logged_steps(workdir: str) -> list[int]:
+    with open(os.path.join(workdir, "train_log.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f]
+
+
+def copy_of(reference, tmp_path) -> str:
+    """A copy of the reference run's workdir, to damage."""
+    workdir = str(tmp_path / "workdir")
+    shutil.copytree(reference[0], workdir)
+    return workdir
+
+
 def test_reference_run_checkpoints_every_5_steps(reference):
     workdir, arrays = reference
     assert helpers.checkpoint_steps(workdir) == ([5, 10, 15, 20], [])
@@ -80,11 +96,15 @@ def test_kill_while_a_checkpoint_is_written_resumes_from_the_previous_one(
     assert steps == [5]
     assert unfinished and all(n.startswith("10.") for n in unfinished)
 
+    assert logged_steps(workdir) == [5, 10]
+
     summary, arrays = resume(workdir, root)
 
     assert summary["first_step"] == 5 and summary["step"] == 20
     assert_bit_identical(arrays, reference[1])
     assert helpers.checkpoint_steps(workdir) == ([5, 10, 15, 20], [])
+    # Step 10 was logged, rolled back and trained again: it is logged once.
+    assert logged_steps(workdir) == [5, 10, 15, 20]
 
 
 def test_checkpoint_saved_on_2_devices_restores_on_1(reference, root, tmp_path):
@@ -170,3 +190,82 @@ def test_evaluation_reads_the_ema_weights_by_default(reference, root):
         np.testing.assert_array_equal(value, arrays[".ema_params" + name])
         np.testing.assert_array_equal(raw[name], arrays[".params" + name])
     assert any(not np.array_equal(ema[k], raw[k]) for k in ema)
+
+
+def test_evaluation_leaves_a_checkpoint_being_written_alone(reference, root, tmp_path):
+    workdir = copy_of(reference, tmp_path)
+    unfinished = os.path.join(workdir, "checkpoints", "25.orbax-checkpoint-tmp")
+    os.makedirs(os.path.join(unfinished, "state"))
+    with open(os.path.join(unfinished, "state", "part"), "w") as f:
+        f.write("being written by the training run")
+    before = sorted(os.walk(os.path.join(workdir, "checkpoints")))
+
+    config = helpers.worker.make_config(os.path.join(root, "data"))
+    mesh = pipeline.sharding.make_mesh()
+    _, _, step = pipeline.load_variables(config, workdir, mesh, use_ema=True)
+
+    assert step == 20
+    assert sorted(os.walk(os.path.join(workdir, "checkpoints"))) == before
+
+
+def test_a_resume_from_a_checkpoint_without_its_data_position_is_refused(
+    reference, root, tmp_path
+):
+    workdir = copy_of(reference, tmp_path)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "20", "data"))
+    command = helpers.launcher_command(
+        workdir, root, "--evaluate=false", **{"train.num_steps": 25}
+    )
+    done = subprocess.run(
+        command,
+        env=helpers.env(root, devices=2),
+        cwd=helpers.REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    folder = os.path.join(workdir, "checkpoints")
+    assert done.returncode == 1, done.stderr[-4000:]
+    assert done.stderr.splitlines()[-1] == (
+        f"error: checkpoint step 20 in {folder} could not be read: "
+        f"{folder}/20 has no data/, the data loader position (a resume would "
+        f"restart the data stream at its first batch). Move {folder}/20 out of "
+        f"{folder} to start from step 15, the latest earlier checkpoint that reads."
+    )
+    assert "Traceback" not in done.stderr
+    assert helpers.checkpoint_steps(workdir) == ([5, 10, 15, 20], [])
+    assert logged_steps(workdir) == [5, 10, 15, 20]
+
+
+def test_evaluating_a_damaged_checkpoint_ends_with_one_line_naming_it(
+    reference, root, tmp_path
+):
+    workdir = copy_of(reference, tmp_path)
+    folder = os.path.join(workdir, "checkpoints")
+    for path in glob.glob(f"{folder}/20/state/**/d/*", recursive=True):
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    flags = helpers.worker.launcher_flags(os.path.join(root, "data"))
+    done = subprocess.run(
+        [sys.executable, "-m", "launch.evaluate", "--workdir", workdir, *flags],
+        env=helpers.env(root, devices=2),
+        cwd=helpers.REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    assert done.returncode == 1, done.stderr[-4000:]
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith(
+        f"error: checkpoint step 20 in {folder} could not be read: ValueError: "
+    )
+    assert last.endswith(
+        f"Move {folder}/20 out of {folder} to start from step 15, the latest "
+        "earlier checkpoint that reads."
+    )
+    assert len(last) < 800
+    assert "Traceback" not in done.stderr
+    assert "exception was never retrieved" not in done.stderr
+    assert helpers.checkpoint_steps(workdir) == ([5, 10, 15, 20], [])
