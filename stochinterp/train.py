@@ -91,10 +91,11 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     """Checks every value the loop reads; raises ValueError before any work.
 
     Covers the global batch against the devices of ``mesh``, the step and
-    checkpoint counts, the EMA, the time budget, the compute dtype and the
-    coupling against the image shape. The optimizer and the network check
-    their own fields when ``setup`` builds them; ``train`` also checks that
-    the dataset can be served (``data.validate``).
+    checkpoint counts, the EMA, the time budget, the compute dtype, and the
+    coupling and the network's downsampling against the image shape. The
+    optimizer and the network check their own fields when ``setup`` builds
+    them; ``train`` also checks that the dataset can be served
+    (``data.validate``) and fills a batch.
     """
     tc = config.train
     sharding.check_global_batch(tc.global_batch, mesh)
@@ -123,7 +124,15 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         raise ValueError(
             f"model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}"
         )
-    couplings.from_config(config.coupling).check_image_shape((1, *image_shape(config)))
+    shape = image_shape(config)
+    couplings.from_config(config.coupling).check_image_shape((1, *shape))
+    factor = build_model(config, shape[-1]).downsample_factor
+    if shape[0] % factor or shape[1] % factor:
+        raise ValueError(
+            f"data.image_size={config.data.image_size} must be divisible by "
+            f"2**(len(model.dim_mults) - 1) = {factor} (model.dim_mults="
+            f"{tuple(config.model.dim_mults)})"
+        )
 
 
 # Fields that shape the checkpoint or what it means: a resume or an
@@ -554,11 +563,11 @@ def train(
         validate_config(config, mesh)
         data_lib.validate(config.data)
         coupling, _, model, loss_fn, optimizer = setup(config, mesh)
+        _check_dataset(config)  # builds the dataset if needed
         ensure_writable(workdir)
     with _workdir_lock(workdir):
         with input_errors.checking_input():
             prepare_workdir(workdir, config)
-            _check_classes(config)
         return _run(config, workdir, mesh, coupling, model, loss_fn, optimizer)
 
 
@@ -588,12 +597,22 @@ def _workdir_lock(workdir: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _check_classes(config: ml_collections.ConfigDict) -> None:
-    """A class-conditional model needs a label row for every class of the data."""
+def _check_dataset(config: ml_collections.ConfigDict) -> None:
+    """The dataset must fill a global batch and fit the class embedding.
+
+    A class-conditional model needs a label row for every class of the data.
+    """
+    info = data_lib.dataset_info(config.data)
+    batch, examples = config.train.global_batch, info.split_sizes.get("train", 0)
+    if batch > examples:
+        raise ValueError(
+            f"train.global_batch={batch} is larger than the train split of "
+            f"{info.name} ({examples} examples): every batch would repeat examples"
+        )
     n = config.coupling.num_classes
     if not n:
         return
-    have = data_lib.dataset_info(config.data).num_classes
+    have = info.num_classes
     if n < have:
         raise ValueError(
             f"coupling.num_classes={n} but dataset {config.data.name!r} has {have} "

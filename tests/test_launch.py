@@ -184,3 +184,39 @@ def test_a_config_of_another_run_is_refused_before_any_data_is_built(
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "another config" in result.stderr and "data.image_size" in result.stderr
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ("--config.model.dim_mults=(1,2,2,2,2,2)",),
+            "data.image_size=16 must be divisible by 2**(len(model.dim_mults) - 1)"
+            " = 32",
+        ),
+        (
+            (
+                "--config",
+                "configs/digits_classcond.py",
+                "--config.coupling.num_classes=5",
+            ),
+            "coupling.num_classes=5 but dataset 'digits' has 10 classes",
+        ),
+        (
+            (
+                "--config",
+                "configs/digits_classcond.py",
+                "--config.train.global_batch=4000",
+            ),
+            "train.global_batch=4000 is larger than the train split of digits (1438",
+        ),
+    ],
+)
+def test_checks_that_need_the_network_or_the_data_create_no_workdir(
+    tmp_path, args, message
+):
+    result = run_train("--workdir", str(tmp_path / "wd"), *args, tmp_path=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, last
+    assert not (tmp_path / "wd").exists()
