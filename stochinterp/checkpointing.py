@@ -264,12 +264,22 @@ def _read(manager, step: int, template, mesh: Mesh, need_data: bool):
         if not has_data:
             reason += " (a resume would restart the data stream at its first batch)"
         raise _MissingItems(reason)
-    items = {"state": ocp.args.StandardRestore(abstract_like(template, mesh))}
-    if has_data:
-        items["data"] = ocp.args.JsonRestore()
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
-    data_state = restored["data"] if "data" in restored else None
-    return restored["state"], data_state
+    state = ocp.args.StandardRestore(abstract_like(template, mesh))
+    if not has_data:
+        return manager.restore(step, args=ocp.args.Composite(state=state))[
+            "state"
+        ], None
+    try:
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=state, data=ocp.args.JsonRestore())
+        )
+    except Exception:
+        if need_data:
+            raise
+        # A reader of the weights does not need a damaged loader position.
+        restored = manager.restore(step, args=ocp.args.Composite(state=state))
+        return restored["state"], None
+    return restored["state"], restored["data"]
 
 
 def _reason(error: Exception) -> str:

@@ -145,7 +145,8 @@ def sample_coupling(
     if settings.needs_score and not interpolant.has_noise:
         sigma = couplings.base_noise_scale(coupling)
         if sigma is not None:
-            fields.check_velocity_score_steps(settings, interpolant, sigma)
+            scale = 1.0 if guidance is None else guidance[0]
+            fields.check_velocity_score_steps(settings, interpolant, sigma, scale)
     put = lambda a: jax.device_put(jnp.asarray(a), sharding.batch_sharding(mesh))  # noqa: E731
     x1 = put(np.asarray(x1, np.float32))
     labels = None if labels is None else put(np.asarray(labels, np.int32))

@@ -10,6 +10,7 @@ trained network are interchangeable.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from collections.abc import Callable
 
@@ -178,44 +179,107 @@ def score_from_denoiser(denoiser: Field, interpolant: Interpolant) -> Field:
     return score
 
 
-# Largest factor by which the noisy Euler-Maruyama steps may amplify an error
-# (see check_velocity_score_steps).
-MAX_SCORE_STEP_GROWTH = 2.0
+# Largest extra spread, in units of the base noise sigma, that Euler-Maruyama
+# may leave in a pixel (see check_velocity_score_steps).
+MAX_EXCESS_SPREAD = 0.1
+# Data variances (in units of sigma^2) of the directions sde_excess_spread
+# tries: a direction the data pins down, and nearly pinned ones.
+_DATA_VARIANCES = np.concatenate([[0.0], np.logspace(-8, 0, 17)])
 
 
-def velocity_score_step_growth(
-    settings: samplers.SamplerSettings, interpolant: Interpolant, sigma: float
+def sde_variance(
+    settings: samplers.SamplerSettings,
+    interpolant: Interpolant,
+    sigma: float,
+    data_variance,
+    guidance_scale: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Variance of a Gaussian pixel after Euler-Maruyama, and its exact value.
+
+    A pixel with data variance v (given xi) and base noise sigma has, on a
+    gamma = 0 path, x_t ~ N(., V) with V = alpha^2 sigma^2 + beta^2 v; the
+    velocity's slope is J = (alpha alpha' sigma^2 + beta beta' v) / V and the
+    score's -1 / V, which near t = 1 grows like 1 / (alpha^2 sigma^2) when v
+    is small: there the explicit steps blow up unless eps(t) vanishes fast
+    enough. Guidance u + w (c - u) scales the velocity's slope by up to
+    k = max(1, w, 1 - w), and the score built from it (``score_from_velocity``)
+    then has slope -(beta' - k beta J) / ((alpha beta' - alpha' beta) alpha
+    sigma^2). The variance of the steps then follows exactly
+    v_{i+1} = f_i^2 v_i + 2 eps(t_i) h_i with f_i = 1 + h_i (k J + eps(t_i) x
+    score slope), from V(t_min); the last step has no noise and no score.
+
+    Args:
+      settings: 'euler_maruyama' settings.
+      interpolant: a gamma = 0 path.
+      sigma: base noise scale (> 0).
+      data_variance: v, a float or an array of them.
+      guidance_scale: w (1: no guidance).
+
+    Returns:
+      (variance after the last step, V(t_max)), float64 arrays shaped like
+      ``data_variance`` (inf where the steps overflow).
+    """
+    k = max(1.0, guidance_scale, 1.0 - guidance_scale)
+    times, steps = samplers.time_grid(settings, np.float64)
+    t = times[:-1]
+
+    def at(fn, when=t):
+        return np.asarray(fn(jnp.asarray(when)), np.float64)
+
+    a, a_dot = at(interpolant.alpha), at(interpolant.alpha_dot)
+    b, b_dot = at(interpolant.beta), at(interpolant.beta_dot)
+    eps = at(samplers.eps_schedule(settings.eps_schedule, settings.eps_scale))
+    eps[-1] = 0.0  # the last step is an Euler step of the ODE
+    shape = np.shape(data_variance)
+    v = np.reshape(np.asarray(data_variance, np.float64), (-1, 1))
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        var = np.square(a) * sigma**2 + np.square(b) * v  # [pixels, steps]
+        slope = k * (a * a_dot * sigma**2 + b * b_dot * v) / var
+        score_slope = -(b_dot - b * slope) / ((a * b_dot - a_dot * b) * a * sigma**2)
+        square = np.square(1.0 + steps * (slope + eps * score_slope))
+        # v_N = v_0 prod_j f_j^2 + sum_i 2 eps_i h_i prod_{j > i} f_j^2.
+        after = np.concatenate(
+            [np.cumprod(square[:, ::-1], axis=1)[:, ::-1][:, 1:], np.ones_like(v)],
+            axis=1,
+        )
+        final = var[:, 0] * np.prod(square, axis=1) + np.sum(
+            2.0 * eps * steps * after, axis=1
+        )
+    final = np.where(np.isnan(final), np.inf, final)
+    t_max = np.array([settings.t_max])
+    exact = (at(interpolant.alpha, t_max) * sigma) ** 2 + (
+        at(interpolant.beta, t_max) ** 2 * v[:, 0]
+    )
+    return final.reshape(shape), exact.reshape(shape)
+
+
+def sde_excess_spread(
+    settings: samplers.SamplerSettings,
+    interpolant: Interpolant,
+    sigma: float,
+    guidance_scale: float = 1.0,
 ) -> float:
-    """Worst-case error growth of Euler-Maruyama with a score from the velocity.
+    """Largest extra standard deviation Euler-Maruyama leaves in a pixel.
 
-    In a direction that the data pins down (zero variance given xi), a gamma =
-    0 path has x_t ~ N(alpha c + beta m, alpha^2 sigma^2): there the velocity
-    has slope alpha'/alpha and the score slope -1 / (alpha^2 sigma^2). A noisy
-    step i multiplies an error by f_i = 1 + h (alpha'/alpha - eps /
-    (alpha^2 sigma^2)) at t_i; as alpha -> 0 near t = 1, f_i falls below -1
-    unless eps(t) vanishes fast enough. Every other direction has gentler
-    slopes, so this is the worst case. Returns the product over the noisy
-    steps (all but the last) of max(1, -f_i), computed in float64.
+    The largest sqrt(max(0, final - exact)) of :func:`sde_variance` over data
+    variances from 0 (a pixel the data pins down) to sigma^2; inf for
+    sigma <= 0 or when the steps blow up.
     """
     if sigma <= 0:
         return float("inf")
-    times, steps = samplers.time_grid(settings, np.float64)
-    t, h = times[:-2], steps[:-1]  # the last step has no noise and no score
-    alpha = np.asarray(interpolant.alpha(jnp.asarray(t)), np.float64)
-    alpha_dot = np.asarray(interpolant.alpha_dot(jnp.asarray(t)), np.float64)
-    eps = np.asarray(
-        samplers.eps_schedule(settings.eps_schedule, settings.eps_scale)(t),
-        np.float64,
+    final, exact = sde_variance(
+        settings, interpolant, sigma, _DATA_VARIANCES * sigma**2, guidance_scale
     )
-    factor = 1.0 + h * (alpha_dot / alpha - eps / (np.square(alpha) * sigma**2))
-    with np.errstate(over="ignore"):  # an overflow is an infinite growth
-        return float(np.prod(np.maximum(1.0, -factor)))
+    return float(np.max(np.sqrt(np.maximum(final - exact, 0.0))))
 
 
 def check_velocity_score_steps(
-    settings: samplers.SamplerSettings, interpolant: Interpolant, sigma: float
+    settings: samplers.SamplerSettings,
+    interpolant: Interpolant,
+    sigma: float,
+    guidance_scale: float = 1.0,
 ) -> None:
-    """Raises when Euler-Maruyama with ``score_from_velocity`` would blow up.
+    """Raises when Euler-Maruyama with ``score_from_velocity`` would go wrong.
 
     Args:
       settings: the sampler settings (only 'euler_maruyama' with eps_scale > 0
@@ -223,18 +287,19 @@ def check_velocity_score_steps(
       interpolant: the gamma = 0 path.
       sigma: the smallest noise scale of the base on the pixels that move
         (``couplings.base_noise_scale``).
+      guidance_scale: the classifier-free guidance scale w (1: none).
 
     Raises:
       ValueError: for sigma = 0 (the score is singular: the base is exact
-        where the data is) or when the noisy steps may amplify an error by
-        more than ``MAX_SCORE_STEP_GROWTH`` (see
-        :func:`velocity_score_step_growth`); the message gives the largest
-        stable scale of the 'decay' schedule for the same steps.
+        where the data is), or when the steps would leave an extra spread
+        above ``MAX_EXCESS_SPREAD`` sigma in a pixel that the data (nearly)
+        pins down (see :func:`sde_excess_spread`; explicit steps blow up there
+        when eps(t) does not vanish fast enough near t = 1). The message gives
+        the largest 'decay' scale that passes for the same steps, if any.
 
-    Passing the check means the steps do not blow up, not that they are
-    accurate: a pixel that the data almost pins needs enough steps near t = 1
-    ('bump' at scale 1 and 100 steps triples the spread of a pixel whose
-    target standard deviation is 0.01; 1000 steps get it within 4 %).
+    Settings that pass may still need more steps for accuracy near t = 1:
+    'bump' at scale 1 and 100 steps triples the spread of a pixel whose
+    target standard deviation is 0.01 (0.032); 1000 steps get it within 4 %.
     """
     if not settings.needs_score:
         return
@@ -248,27 +313,37 @@ def check_velocity_score_steps(
             f"got sigma={sigma}: the score of a gamma = 0 path is then singular; "
             "set eps_scale=0 (the ODE) or train with sigma > 0"
         )
-    growth = velocity_score_step_growth(settings, interpolant, sigma)
-    if growth <= MAX_SCORE_STEP_GROWTH:
+    limit = MAX_EXCESS_SPREAD * sigma
+
+    def spread(schedule: str, scale: float) -> float:
+        other = dataclasses.replace(settings, eps_schedule=schedule, eps_scale=scale)
+        return sde_excess_spread(other, interpolant, sigma, guidance_scale)
+
+    got = spread(settings.eps_schedule, settings.eps_scale)
+    if got <= limit:
         return
-
-    def decay_growth(scale):
-        decay = dataclasses.replace(settings, eps_schedule="decay", eps_scale=scale)
-        return velocity_score_step_growth(decay, interpolant, sigma)
-
-    low, high = 0.0, settings.eps_scale if settings.eps_schedule == "decay" else 1e6
-    for _ in range(60):
+    # The largest passing 'decay' scale, rounded down to 3 significant digits.
+    low, high = 0.0, 1e3
+    for _ in range(80):
         middle = 0.5 * (low + high)
         low, high = (
-            (middle, high)
-            if decay_growth(middle) <= MAX_SCORE_STEP_GROWTH
-            else (low, middle)
+            (middle, high) if spread("decay", middle) <= limit else (low, middle)
         )
+    if low > 0:
+        digits = 2 - math.floor(math.log10(low))
+        low = math.floor(low * 10**digits) / 10**digits
+    advice = (
+        f"use eps_schedule='decay' with eps_scale <= {low:.3g}, or eps_scale=0 "
+        "(the ODE)"
+        if low > 0 and spread("decay", low) <= limit
+        else "use eps_scale=0 (the ODE) or more steps"
+    )
+    guided = f", guidance scale {guidance_scale}" if guidance_scale != 1.0 else ""
     raise ValueError(
-        f"{what} and {settings.num_steps} steps is unstable with a score from "
-        f"the velocity (gamma = 0, base noise sigma = {sigma}): near t = 1 the "
-        f"score term eps(t) score has slope -eps(t) / (alpha(t)^2 sigma^2), and "
-        f"the explicit steps may amplify errors by up to {growth:.3g} (at most "
-        f"{MAX_SCORE_STEP_GROWTH} allowed); use eps_schedule='decay' with "
-        f"eps_scale <= {low:.3g}, or eps_scale=0 (the ODE)"
+        f"{what} and {settings.num_steps} steps goes wrong with a score from the "
+        f"velocity (gamma = 0, base noise sigma = {sigma}{guided}): near t = 1 "
+        f"the score is stiff (slope about -1 / (alpha(t)^2 sigma^2)) and the "
+        f"explicit steps would leave an extra spread of {got:.3g} where the data "
+        f"is (nearly) exact (at most {MAX_EXCESS_SPREAD} sigma = {limit:.3g} "
+        f"allowed); {advice}"
     )

@@ -84,7 +84,9 @@ def validate_sampling(config, mesh, num_images: int | None = None) -> None:
     if settings.needs_score and not interpolant.has_noise:
         sigma = couplings.base_noise_scale(couplings.from_config(config.coupling))
         if sigma is not None:
-            fields.check_velocity_score_steps(settings, interpolant, sigma)
+            fields.check_velocity_score_steps(
+                settings, interpolant, sigma, config.sampler.guidance_scale
+            )
     _guidance(config)
 
 

@@ -600,7 +600,7 @@ def _workdir_lock(workdir: str):
 def _check_dataset(config: ml_collections.ConfigDict) -> None:
     """The dataset must fill a global batch and fit the class embedding.
 
-    A class-conditional model needs a label row for every class of the data.
+    A class-conditional model has one label row per class of the data.
     """
     info = data_lib.dataset_info(config.data)
     batch, examples = config.train.global_batch, info.split_sizes.get("train", 0)
@@ -613,7 +613,7 @@ def _check_dataset(config: ml_collections.ConfigDict) -> None:
     if not n:
         return
     have = info.num_classes
-    if n < have:
+    if n != have:  # more would train rows for classes that never occur
         raise ValueError(
             f"coupling.num_classes={n} but dataset {config.data.name!r} has {have} "
             f"classes; set coupling.num_classes={have}"

@@ -219,6 +219,16 @@ def test_a_reader_of_weights_alone_may_use_a_checkpoint_without_data(
     assert (step, data) == (34, None)
 
 
+def test_a_reader_of_weights_alone_skips_a_damaged_data_position(folder, state, mesh):
+    truncate_data(folder)
+    step, restored, data = read_latest(folder, state, mesh, need_data=False)
+    assert (step, data) == (34, None)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        assert jax.numpy.array_equal(a, b)
+    with pytest.raises(checkpointing.UnreadableCheckpointError, match="step 34"):
+        read_latest(folder, state, mesh, need_data=True)
+
+
 # ----------------------------------------------------- the log on a resume
 
 

@@ -206,6 +206,14 @@ def test_a_config_of_another_run_is_refused_before_any_data_is_built(
             (
                 "--config",
                 "configs/digits_classcond.py",
+                "--config.coupling.num_classes=11",
+            ),
+            "coupling.num_classes=11 but dataset 'digits' has 10 classes",
+        ),
+        (
+            (
+                "--config",
+                "configs/digits_classcond.py",
                 "--config.train.global_batch=4000",
             ),
             "train.global_batch=4000 is larger than the train split of digits (1438",

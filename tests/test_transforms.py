@@ -53,3 +53,13 @@ def test_from_unit_range_clips_overshoot_and_takes_bfloat16():
     images = jnp.array([-1.3, -1.0, 0.0, 1.0, 1.2], jnp.bfloat16).reshape(1, 1, 5, 1)
     got = transforms.from_unit_range(images).ravel()
     np.testing.assert_array_equal(got, [0, 0, 128, 255, 255])
+
+
+def test_finite_values_far_outside_the_range_are_clipped_not_called_infinite():
+    images = np.full((2, 2, 3), 1e39)  # float64, beyond float32's range
+    assert np.array_equal(
+        transforms.from_unit_range(images), np.full((2, 2, 3), 255, np.uint8)
+    )
+    assert np.array_equal(
+        transforms.from_unit_range(-images), np.zeros((2, 2, 3), np.uint8)
+    )
