@@ -12,7 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from stochinterp import couplings, fields, interpolants, samplers, sharding
+from stochinterp import (
+    couplings,
+    fields,
+    input_errors,
+    interpolants,
+    samplers,
+    sharding,
+)
 from stochinterp.data import transforms
 
 
@@ -132,7 +139,11 @@ def sample_coupling(
         integers or outside [0, num_classes) (class-conditional couplings),
         and for Euler-Maruyama settings that the score of a gamma = 0 path
         makes unstable (``fields.check_velocity_score_steps``).
+      RuntimeError: when the sampler stopped before t_max (Dopri5's
+        max_steps).
       FloatingPointError: when a sample holds a non-finite value.
+      Both are marked as input errors (``stochinterp.input_errors``): the
+      launchers print them as one line.
     """
     mesh = sharding.make_mesh() if mesh is None else mesh
     sharding.check_global_batch(x1.shape[0], mesh)
@@ -173,14 +184,27 @@ def sample_coupling(
         return out, sample, info
 
     out, sample, info = run(variables, x1, labels)
-    samplers.check_info(info)
+    # Both failures below come from the settings (a step budget, a scale),
+    # so they are reported like input errors: one line naming what to change.
+    try:
+        samplers.check_info(info)
+    except RuntimeError as error:
+        input_errors.mark(error)
+        raise
     out = np.asarray(out)
     bad = int(np.sum(~np.all(np.isfinite(out.reshape(len(out), -1)), axis=1)))
     if bad:
-        raise FloatingPointError(
-            f"{bad} of {len(out)} samples hold non-finite values (sampler "
-            f"{settings.method!r}); the network or the sampler settings diverge: "
-            "try more steps, another sampler or a smaller eps_scale"
+        fixes = ["more steps", "another sampler"]
+        if settings.needs_score:
+            fixes.append(f"a smaller eps_scale (now {settings.eps_scale})")
+        if guidance is not None:
+            fixes.append(f"a guidance scale nearer 1 (now {guidance[0]})")
+        raise input_errors.mark(
+            FloatingPointError(
+                f"{bad} of {len(out)} samples hold non-finite values (sampler "
+                f"{settings.method!r}): the network or the sampler settings "
+                f"diverge; try {', '.join(fixes[:-1])} or {fixes[-1]}"
+            )
         )
     return out, jax.tree.map(np.asarray, sample), info
 

@@ -178,7 +178,7 @@ def test_non_finite_samples_are_an_error():
     def apply_fn(variables, x, t, **kwargs):
         return x * jnp.nan
 
-    with pytest.raises(FloatingPointError, match="2 of 2 samples.*non-finite"):
+    with pytest.raises(FloatingPointError, match="2 of 2 samples.*non-finite") as e:
         evaluate.sample_coupling(
             apply_fn,
             {},
@@ -190,6 +190,24 @@ def test_non_finite_samples_are_an_error():
             jax.random.key(0),
             pipeline.sharding.make_mesh(),
         )
+    assert str(e.value).endswith("try more steps or another sampler")
+    assert pipeline.input_errors.is_input_error(e.value)
+
+
+def test_a_sampler_that_runs_out_of_steps_is_an_input_error():
+    with pytest.raises(RuntimeError, match="raise max_steps") as e:
+        evaluate.sample_coupling(
+            lambda variables, x, t, **kwargs: -x,
+            {},
+            np.ones((2, 4, 4, 1), np.float32),
+            None,
+            couplings.IndependentCoupling(),
+            interpolants.linear(),
+            Settings("dopri5", max_steps=2),
+            jax.random.key(0),
+            pipeline.sharding.make_mesh(),
+        )
+    assert pipeline.input_errors.is_input_error(e.value)
 
 
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
