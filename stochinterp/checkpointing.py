@@ -265,21 +265,17 @@ def _read(manager, step: int, template, mesh: Mesh, need_data: bool):
             reason += " (a resume would restart the data stream at its first batch)"
         raise _MissingItems(reason)
     state = ocp.args.StandardRestore(abstract_like(template, mesh))
-    if not has_data:
-        return manager.restore(step, args=ocp.args.Composite(state=state))[
-            "state"
-        ], None
-    try:
-        restored = manager.restore(
-            step, args=ocp.args.Composite(state=state, data=ocp.args.JsonRestore())
-        )
-    except Exception:
-        if need_data:
-            raise
-        # A reader of the weights does not need a damaged loader position.
-        restored = manager.restore(step, args=ocp.args.Composite(state=state))
-        return restored["state"], None
-    return restored["state"], restored["data"]
+    if has_data:
+        both = ocp.args.Composite(state=state, data=ocp.args.JsonRestore())
+        try:
+            restored = manager.restore(step, args=both)
+            return restored["state"], restored["data"]
+        except Exception:
+            if need_data:
+                raise
+            # A reader of the weights does not need a damaged loader position.
+    restored = manager.restore(step, args=ocp.args.Composite(state=state))
+    return restored["state"], None
 
 
 def _reason(error: Exception) -> str:
