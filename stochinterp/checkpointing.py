@@ -76,6 +76,8 @@ def open_reader(directory: str) -> ocp.CheckpointManager:
     training run that is writing there; that run's unfinished save is not
     listed. ``directory`` must exist.
     """
+    # Orbax warns that the folder is read only: that is the point here.
+    logging.getLogger("absl").addFilter(_not_the_read_only_notice)
     options = ocp.CheckpointManagerOptions(
         read_only=True,
         save_interval_steps=0,
@@ -85,6 +87,10 @@ def open_reader(directory: str) -> ocp.CheckpointManager:
         create=False,
     )
     return _manager(directory, options)
+
+
+def _not_the_read_only_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Given directory is read only")
 
 
 def _manager(directory: str, options) -> ocp.CheckpointManager:

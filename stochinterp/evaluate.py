@@ -103,6 +103,25 @@ def _fields_for(apply_fn, variables, sample, interpolant, settings, guidance):
     return velocity, score
 
 
+def check_sde_steps(
+    settings: samplers.SamplerSettings,
+    interpolant: interpolants.Interpolant,
+    coupling: couplings.Coupling,
+    guidance_scale: float = 1.0,
+) -> None:
+    """Refuses Euler-Maruyama settings a score from the velocity would break.
+
+    Applies ``fields.check_velocity_score_steps`` when the score comes from
+    the velocity (gamma = 0) and the coupling's base noise is known.
+    """
+    if settings.needs_score and not interpolant.has_noise:
+        sigma = couplings.base_noise_scale(coupling)
+        if sigma is not None:
+            fields.check_velocity_score_steps(
+                settings, interpolant, sigma, guidance_scale
+            )
+
+
 def sample_coupling(
     apply_fn,
     variables,
@@ -153,11 +172,9 @@ def sample_coupling(
         coupling.check_labels(
             np.asarray(labels) if labels is not None else None, len(x1)
         )
-    if settings.needs_score and not interpolant.has_noise:
-        sigma = couplings.base_noise_scale(coupling)
-        if sigma is not None:
-            scale = 1.0 if guidance is None else guidance[0]
-            fields.check_velocity_score_steps(settings, interpolant, sigma, scale)
+    check_sde_steps(
+        settings, interpolant, coupling, 1.0 if guidance is None else guidance[0]
+    )
     put = lambda a: jax.device_put(jnp.asarray(a), sharding.batch_sharding(mesh))  # noqa: E731
     x1 = put(np.asarray(x1, np.float32))
     labels = None if labels is None else put(np.asarray(labels, np.int32))

@@ -20,7 +20,6 @@ from stochinterp import (
     checkpointing,
     couplings,
     evaluate,
-    fields,
     input_errors,
     interpolants,
     samplers,
@@ -81,12 +80,12 @@ def validate_sampling(config, mesh, num_images: int | None = None) -> None:
             "sampler.method='euler_maruyama' with gamma > 0 needs the denoiser: "
             "set train.denoiser=True (or sampler.eps_scale=0)"
         )
-    if settings.needs_score and not interpolant.has_noise:
-        sigma = couplings.base_noise_scale(couplings.from_config(config.coupling))
-        if sigma is not None:
-            fields.check_velocity_score_steps(
-                settings, interpolant, sigma, config.sampler.guidance_scale
-            )
+    evaluate.check_sde_steps(
+        settings,
+        interpolant,
+        couplings.from_config(config.coupling),
+        config.sampler.guidance_scale,
+    )
     _guidance(config)
 
 
@@ -142,9 +141,7 @@ def load_variables(config, workdir: str, mesh, use_ema: bool):
             config, model, optimizer, couplings.from_config(config.coupling), mesh
         )
     )
-    manager = checkpointing.make_manager(
-        directory, config.train.keep_checkpoints, False
-    )
+    manager = checkpointing.open_reader(directory)
     restored = checkpointing.restore_latest(manager, template, mesh)
     manager.close()
     if restored is None:

@@ -172,14 +172,15 @@ def from_unit_range(images: np.ndarray) -> np.ndarray:
         raise ValueError(
             f"from_unit_range takes float images in [-1, 1], got dtype {images.dtype}"
         )
-    finite = np.isfinite(images.astype(np.float64))  # before a cast overflows
+    wide = images.astype(np.float64)  # a float32 cast could overflow to inf
+    finite = np.isfinite(wide)
     if not finite.all():
         raise ValueError(
             f"from_unit_range takes finite values in [-1, 1], got "
             f"{np.count_nonzero(~finite)} non-finite values: "
             f"{np.unique(images[~finite]).tolist()}"
         )
-    pixels = (np.clip(images.astype(np.float64), -1.0, 1.0) + 1.0) * 127.5
+    pixels = (np.clip(wide, -1.0, 1.0) + 1.0) * 127.5
     return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
 
 
