@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -140,6 +141,46 @@ def one_line_input_errors(main):
             raise
 
     return wrapped
+
+
+_TAG_CHARACTERS = re.compile(r"[A-Za-z0-9._-]*")
+
+
+def define_output_flags() -> None:
+    """``--tag`` for the launchers that write sampling outputs."""
+    flags.DEFINE_string(
+        "tag",
+        "",
+        "appended to the output names, to keep runs with other settings apart "
+        "(letters, digits, '.', '_', '-')",
+    )
+
+
+def check_tag(tag: str) -> None:
+    if not _TAG_CHARACTERS.fullmatch(tag):
+        raise SystemExit(
+            f"error: --tag may hold only letters, digits, '.', '_' and '-', got {tag!r}"
+        )
+
+
+def output_name(config, step: int, tag: str, seed: int | None = None) -> str:
+    """The part of the output file names that tells runs apart.
+
+    ``<method>_step<N>``, then ``_raw`` for the raw (not EMA) weights,
+    ``_w<scale>`` for a guidance scale other than 1, ``_seed<k>`` when given
+    and ``_<tag>``: evaluating another checkpoint, weights, guidance scale or
+    seed writes new files instead of replacing the earlier ones.
+    """
+    parts = [config.sampler.method, f"step{step}"]
+    if not config.eval.use_ema:
+        parts.append("raw")
+    if config.sampler.guidance_scale != 1:
+        parts.append(f"w{config.sampler.guidance_scale:g}")
+    if seed is not None:
+        parts.append(f"seed{seed}")
+    if tag:
+        parts.append(tag)
+    return "_".join(parts)
 
 
 def start(argv: list[str], workdir_must_exist: bool = True) -> str:

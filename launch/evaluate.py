@@ -4,8 +4,10 @@
         --config.sampler.method=dopri5
 
 Uses the same config file as training (sampler and eval fields may be
-overridden). Writes ``DIR/eval_<method>.json`` and
-``DIR/samples/inpaint_<method>.png``. EMA weights unless
+overridden). Writes ``DIR/eval_<name>.json`` (metrics, with the sampler and
+eval settings) and ``DIR/samples/inpaint_<name>.png``, where ``<name>`` is
+``<method>_step<N>``, then ``_raw`` for the raw weights, ``_w<scale>`` for a
+guidance scale other than 1 and ``_<tag>`` for ``--tag``. EMA weights unless
 ``--config.eval.use_ema=False``.
 """
 
@@ -21,10 +23,12 @@ from launch import _common
 _common.define_config_flag()
 flags.adopt_module_key_flags(_common)
 flags.DEFINE_string("workdir", None, "workdir of a training run")
+_common.define_output_flags()
 FLAGS = flags.FLAGS
 
 
 def main(argv):
+    _common.check_tag(FLAGS.tag)
     workdir = _common.start(argv)
     config = FLAGS.config
 
@@ -40,13 +44,18 @@ def main(argv):
     model, variables, step = pipeline.load_variables(
         config, workdir, mesh, config.eval.use_ema
     )
-    method = config.sampler.method
+    name = _common.output_name(config, step, FLAGS.tag)
     metrics = pipeline.evaluate_inpainting(
-        config, model, variables, workdir, mesh, picture=f"inpaint_{method}.png"
+        config, model, variables, workdir, mesh, picture=f"inpaint_{name}.png"
     )
-    metrics.update(step=step, use_ema=config.eval.use_ema)
+    metrics.update(
+        step=step,
+        use_ema=config.eval.use_ema,
+        sampler_settings=config.sampler.to_dict(),
+        eval_settings=config.eval.to_dict(),
+    )
     if jax.process_index() == 0:
-        path = os.path.join(workdir, f"eval_{method}.json")
+        path = os.path.join(workdir, f"eval_{name}.json")
         with open(path, "w") as f:
             json.dump(metrics, f, indent=2)
         print(json.dumps(metrics, indent=2))

@@ -5,10 +5,13 @@
 
 The coupling is drawn on the first ``num_samples`` held-out images (their
 masks, low-resolution versions or labels condition the samples). Writes
-``DIR/samples/samples_<method>.npz`` (x0, samples, ground truth, and labels
-for class-conditional models; the samples are the sampler's end points, not
-clipped) and ``DIR/samples/samples_<method>.png`` (rows: base sample x0,
-sample, ground truth, clipped to [-1, 1]).
+``DIR/samples/samples_<name>.npz`` (x0, samples, ground truth, labels for
+class-conditional models, and the sampler settings as JSON text; the samples
+are the sampler's end points, not clipped) and
+``DIR/samples/samples_<name>.png`` (rows: base sample x0, sample, ground
+truth, clipped to [-1, 1]), where ``<name>`` is ``<method>_step<N>``, then
+``_raw`` for the raw weights, ``_w<scale>`` for a guidance scale other than
+1, ``_seed<k>`` and ``_<tag>`` for ``--tag``.
 """
 
 from __future__ import annotations
@@ -25,14 +28,18 @@ flags.adopt_module_key_flags(_common)
 flags.DEFINE_string("workdir", None, "workdir of a training run")
 flags.DEFINE_integer("num_samples", 16, "number of samples (multiple of the devices)")
 flags.DEFINE_integer("seed", 0, "seed for the coupling and SDE noise")
+_common.define_output_flags()
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     if FLAGS.num_samples < 1:
         raise SystemExit(f"error: --num_samples must be >= 1, got {FLAGS.num_samples}")
+    _common.check_tag(FLAGS.tag)
     workdir = _common.start(argv)
     config = FLAGS.config
+
+    import json
 
     import jax
     import numpy as np
@@ -51,9 +58,18 @@ def main(argv):
     )
     if jax.process_index() != 0:
         return
-    stem = os.path.join(workdir, "samples", f"samples_{config.sampler.method}")
+    name = _common.output_name(config, step, FLAGS.tag, seed=FLAGS.seed)
+    stem = os.path.join(workdir, "samples", f"samples_{name}")
     labels = {} if sample.labels is None else {"labels": np.asarray(sample.labels)}
-    np.savez(stem + ".npz", x0=sample.x0, samples=samples, ground_truth=x1, **labels)
+    settings = json.dumps(config.sampler.to_dict())
+    np.savez(
+        stem + ".npz",
+        x0=sample.x0,
+        samples=samples,
+        ground_truth=x1,
+        sampler_settings=np.asarray(settings),
+        **labels,
+    )
     evaluate.save_grid(stem + ".png", [np.clip(sample.x0, -1, 1), samples, x1])
     logging.getLogger("launch.sample").info(
         "step %d: %d samples with %s, %d model calls, %.1f s -> %s.png",

@@ -203,3 +203,84 @@ def test_uncoupled_baseline_is_evaluated_on_its_mask_channel(main_job, tmp_path)
     assert 0.0 < metrics["hidden_fraction"] < 1.0
     assert metrics["nfe"] == 5
     assert os.path.exists(tmp_path / "samples" / "inpaint.png")
+
+
+def _launch(name, config, workdir, *overrides):
+    """Runs launch.<name> on the tiny main job's workdir with its config."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [
+        sys.executable,
+        "-m",
+        f"launch.{name}",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={config.data.data_dir}",
+        "--config.model.dim=8",
+        "--config.model.dim_mults=(1, 2)",
+        "--config.model.resnet_block_groups=4",
+        "--config.eval.num_images=8",
+        "--cpu_devices=2",
+        *overrides,
+    ]
+    return subprocess.run(
+        command, cwd=repo, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_sampling_outputs_of_other_settings_are_kept_apart(main_job):
+    config, workdir, _ = main_job
+    evaluated = _launch(
+        "evaluate",
+        config,
+        workdir,
+        "--config.sampler.method=heun",
+        "--config.sampler.num_steps=3",
+        "--config.eval.use_ema=False",
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    with open(os.path.join(workdir, "eval_heun_step4_raw.json")) as f:
+        metrics = json.load(f)
+    assert metrics["step"] == 4 and metrics["use_ema"] is False
+    assert metrics["nfe"] == 5  # Heun with 3 steps: 2 x 3 - 1 calls
+    assert metrics["sampler_settings"]["num_steps"] == 3
+    assert os.path.exists(
+        os.path.join(workdir, "samples", "inpaint_heun_step4_raw.png")
+    )
+    # The training run's own picture is not replaced.
+    assert os.path.exists(os.path.join(workdir, "samples", "inpaint.png"))
+
+    for seed in ("1", "2"):
+        sampled = _launch(
+            "sample", config, workdir, "--num_samples=4", f"--seed={seed}", "--tag=a"
+        )
+        assert sampled.returncode == 0, sampled.stderr[-2000:]
+    first, second = (
+        np.load(os.path.join(workdir, "samples", f"samples_euler_step4_seed{s}_a.npz"))
+        for s in (1, 2)
+    )
+    assert (
+        json.loads(str(first["sampler_settings"]))["num_steps"] == 20
+    )  # the config file
+    assert first["samples"].shape == (4, 16, 16, 3)
+    assert not np.array_equal(first["x0"], second["x0"])  # another seed's noise
+
+    bad = _launch("sample", config, workdir, "--tag=a/b")
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "error: --tag may hold only letters, digits, '.', '_' and '-', got 'a/b'"
+    )
+
+
+def test_output_names_tell_the_settings_apart():
+    from launch import _common
+
+    config = inpaint_photos16.get_config()
+    config.sampler.method = "heun"
+    assert _common.output_name(config, 7, "") == "heun_step7"
+    config.eval.use_ema = False
+    config.sampler.guidance_scale = 2.5
+    assert (
+        _common.output_name(config, 7, "v2", seed=0) == "heun_step7_raw_w2.5_seed0_v2"
+    )
