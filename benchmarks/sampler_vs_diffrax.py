@@ -21,10 +21,17 @@ Dopri5 estimates the local error with Shampine's embedded formula, exactly
 tolerance tol is ours at 1.5 tol. With the same first step both then take the
 same steps, and the two results agree to round-off.
 
+``--work-precision`` instead sweeps the Dopri5 tolerance (both libraries,
+each with its automatic first step) and prints run time, field calls and
+error at each tolerance, then compares the libraries at equal error: for each
+of our runs, diffrax's run time at the same error, interpolated on its sweep
+(log time against log error).
+
 diffrax is a benchmark-only dependency (``pip install -e '.[bench]'``);
 the library never imports it.
 
     .venv/bin/python benchmarks/sampler_vs_diffrax.py [--rounds 5] [--field gaussian]
+    .venv/bin/python benchmarks/sampler_vs_diffrax.py --work-precision [--field F]
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ TOLERANCE = 1e-5
 # use; its test at tolerance tol is therefore ours at tol * 3/2.
 SHAMPINE_RATIO = 1.5
 REFERENCE_TOLERANCE = 1e-8
+SWEEP_TOLERANCES = (1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6)
 
 
 def _same(settings: Settings) -> dict[str, Settings]:
@@ -212,15 +220,81 @@ def compile_seconds(
     return best
 
 
+def _time_at_error(errors, times, error: float) -> float:
+    """Run time at ``error`` on a sweep, interpolated in log-log; nan outside it."""
+    order = np.argsort(errors)
+    log_errors = np.log(np.asarray(errors)[order])
+    log_times = np.log(np.asarray(times)[order])
+    if not log_errors[0] <= np.log(error) <= log_errors[-1]:
+        return float("nan")
+    return float(np.exp(np.interp(np.log(error), log_errors, log_times)))
+
+
+def work_precision(field: str, rounds: int) -> None:
+    """Dopri5 of both libraries over SWEEP_TOLERANCES; compared at equal error."""
+    params, x0, velocity = FIELDS[field]()
+    jax.block_until_ready(jax.jit(velocity)(params, 0.5, x0))
+    exact = jax.jit(reference(velocity, Settings()))(params, x0)
+    implementations = {"stochinterp": ours, "diffrax": theirs}
+    sweep = {name: {"error": [], "time": [], "calls": []} for name in implementations}
+    for tol in SWEEP_TOLERANCES:
+        settings = Settings(rtol=tol, atol=tol)
+        programs = {}
+        for name, make in implementations.items():
+            log = []
+            jax.block_until_ready(
+                jax.jit(make(counted(velocity, log), settings))(params, x0)
+            )
+            jax.effects_barrier()
+            sweep[name]["calls"].append(len(log))
+            programs[name] = jax.jit(make(velocity, settings))
+            result = programs[name](params, x0)
+            sweep[name]["error"].append(float(jnp.abs(result - exact).max()))
+        runs = {name: [] for name in programs}
+        for _ in range(rounds):
+            for name, program in programs.items():
+                runs[name].append(timed(program, params, x0))
+        for name in programs:
+            sweep[name]["time"].append(min(runs[name]))
+
+    print("| rtol = atol | library | field calls | error | run (ms) |")
+    print("|---|---|---|---|---|")
+    for i, tol in enumerate(SWEEP_TOLERANCES):
+        for name, values in sweep.items():
+            print(
+                f"| {tol:g} | {name} | {values['calls'][i]} | "
+                f"{values['error'][i]:.1e} | {1e3 * values['time'][i]:.1f} |"
+            )
+    print()
+    print(
+        "| our rtol | our error | our run (ms) | diffrax at that error (ms) | ratio |"
+    )
+    print("|---|---|---|---|---|")
+    theirs_ = sweep["diffrax"]
+    for i, tol in enumerate(SWEEP_TOLERANCES):
+        error, time_ = sweep["stochinterp"]["error"][i], sweep["stochinterp"]["time"][i]
+        other = _time_at_error(theirs_["error"], theirs_["time"], error)
+        print(
+            f"| {tol:g} | {error:.1e} | {1e3 * time_:.1f} | {1e3 * other:.1f} | "
+            f"{time_ / other:.2f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--compile-repeats", type=int, default=2)
     parser.add_argument("--field", choices=sorted(FIELDS), default="unet")
     parser.add_argument("--compile", nargs=2, metavar=("CASE", "LIBRARY"))
+    parser.add_argument("--work-precision", action="store_true")
     args = parser.parse_args()
     if args.compile:
         compile_here(args.field, *args.compile)
+        return
+    if args.work_precision:
+        print(environment())
+        print(f"diffrax {diffrax.__version__}, field: {args.field}")
+        work_precision(args.field, args.rounds)
         return
 
     params, x0, velocity = FIELDS[args.field]()
