@@ -30,6 +30,17 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num_processes", None, "number of processes (default 1)")
 flags.DEFINE_integer("process_id", None, "index of this process")
+flags.DEFINE_string(
+    "compilation_cache",
+    os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+        "stochinterp",
+        "xla",
+    ),
+    "folder where compiled XLA programs are kept between runs: a resumed run "
+    "or another sampling or evaluation of the same model and settings skips "
+    "compiling them; '' turns the cache off",
+)
 
 FLAGS = flags.FLAGS
 _COUNT_FLAG = "xla_force_host_platform_device_count"
@@ -183,6 +194,32 @@ def output_name(config, step: int, tag: str, seed: int | None = None) -> str:
     return "_".join(parts)
 
 
+def use_compilation_cache(folder: str) -> bool:
+    """Keeps compiled programs in ``folder`` (jax's persistent cache).
+
+    Programs that took at least a second to compile are stored; a program
+    found there is loaded instead of compiled (an unreadable entry is
+    compiled again, with a warning). A folder that cannot be created or
+    written turns the cache off with a warning instead of stopping the run.
+    Returns whether the cache is on.
+    """
+    if not folder:
+        return False
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"{folder!r} is not writable")
+    except OSError as e:
+        logging.getLogger("launch").warning(
+            "compilation cache off (--compilation_cache=%r): %s", folder, e
+        )
+        return False
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", folder)
+    return True
+
+
 def start(argv: list[str], workdir_must_exist: bool = True) -> str:
     """Arguments, workdir, devices, processes and logging; returns the workdir.
 
@@ -201,6 +238,8 @@ def start(argv: list[str], workdir_must_exist: bool = True) -> str:
     )
     for noisy in ("absl", "jax._src", "orbax", "etils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    use_compilation_cache(FLAGS.compilation_cache)
 
     from stochinterp import sharding
 

@@ -228,3 +228,46 @@ def test_checks_that_need_the_network_or_the_data_create_no_workdir(
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, last
     assert not (tmp_path / "wd").exists()
+
+
+_CACHE_PROBE = """
+import sys, jax, jax.numpy as jnp, numpy as np
+from launch import _common
+events = []
+jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
+print(_common.use_compilation_cache(sys.argv[1]))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.jit(lambda x: jnp.sin(x) * 3)(np.ones(5, np.float32)).block_until_ready()
+print(events.count("/jax/compilation_cache/cache_hits"))
+"""
+
+
+def _probe_cache(folder):
+    result = subprocess.run(
+        [sys.executable, "-c", _CACHE_PROBE, str(folder)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split(), result.stderr
+
+
+def test_compiled_programs_are_reused_by_the_next_run(tmp_path):
+    folder = tmp_path / "xla"
+    assert _probe_cache(folder)[0] == ["True", "0"]
+    assert any(name.startswith("jit__lambda") for name in os.listdir(folder))
+    assert _probe_cache(folder)[0] == ["True", "1"]  # loaded, not compiled
+    for name in os.listdir(folder):  # a damaged entry is compiled again
+        (folder / name).write_bytes(b"damaged")
+    (on, hits), stderr = _probe_cache(folder)
+    assert (on, hits) == ("True", "0") and "compilation cache" in stderr
+
+
+def test_an_unwritable_cache_folder_turns_the_cache_off(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    (on, hits), stderr = _probe_cache(blocker / "xla")
+    assert (on, hits) == ("False", "0")
+    assert "compilation cache off" in stderr and "file/xla" in stderr
