@@ -257,3 +257,47 @@ def test_pointwise_conv_equals_flax_1x1_convolution(use_bias):
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def _rms_norm(x, g):
+    return x / np.sqrt(np.sum(x**2, axis=-1, keepdims=True)) * np.sqrt(x.shape[-1]) * g
+
+
+def _softmax(x, axis):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def test_linear_attention_equals_the_reference_formula_per_head():
+    """q, k, v from the normalised input; per head out = q (k^T v) / sqrt(d)."""
+    heads, d = 3, 4
+    x = jax.random.normal(jax.random.key(0), (2, 5, 6, 7))
+    module = layers.LinearAttention(heads=heads, dim_head=d)
+    params = module.init(jax.random.key(1), x)["params"]
+    # Non-trivial norm scales and output bias, so that every parameter shows.
+    params = jax.tree.map(
+        lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params
+    )
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    xs = np.asarray(x, np.float64).reshape(2, 30, 7)
+
+    y = _rms_norm(xs, p["norm"]["g"])
+    qkv = y @ p["to_qkv"]["conv"]["kernel"][0, 0]  # [b, n, 3 * heads * d]
+    hidden = heads * d
+    out = np.zeros((2, 30, hidden))
+    for h in range(heads):
+        cut = slice(h * d, (h + 1) * d)
+        q = qkv[..., :hidden][..., cut]
+        k = qkv[..., hidden : 2 * hidden][..., cut]
+        v = qkv[..., 2 * hidden :][..., cut]
+        q = _softmax(q, axis=-1) / np.sqrt(d)
+        k = _softmax(k, axis=1)  # over positions
+        context = np.einsum("bnd,bne->bde", k, v)
+        out[..., cut] = np.einsum("bnd,bde->bne", q, context)
+    out = out @ p["to_out"]["conv"]["kernel"][0, 0] + p["to_out"]["conv"]["bias"]
+    expected = _rms_norm(out, p["out_norm"]["g"]) + xs
+
+    got = module.apply({"params": params}, x)
+    np.testing.assert_allclose(
+        np.asarray(got).reshape(2, 30, 7), expected, rtol=2e-5, atol=2e-5
+    )
