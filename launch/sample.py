@@ -47,7 +47,7 @@ def main(argv):
     from stochinterp import evaluate, pipeline, sharding
 
     mesh = sharding.make_mesh()
-    pipeline.validate_sampling(config, mesh, FLAGS.num_samples)
+    pipeline.validate_sampling(config, mesh, FLAGS.num_samples, FLAGS.seed)
     pipeline.check_trained_workdir(config, workdir)
     pipeline.check_held_out_size(config, FLAGS.num_samples)
     model, variables, step = pipeline.load_variables(

@@ -51,14 +51,21 @@ def is_inpainting(config) -> bool:
 
 
 @input_errors.checks
-def validate_sampling(config, mesh, num_images: int | None = None) -> None:
+def validate_sampling(
+    config, mesh, num_images: int | None = None, seed: int | None = None
+) -> None:
     """Checks the sampler and evaluation fields; raises before any work.
 
     Args:
       config: the full config.
       mesh: the device mesh; the number of images must split over it.
       num_images: images to sample (default ``config.eval.num_images``).
+      seed: seed of the sampling (default ``config.eval.seed``).
     """
+    if seed is None:
+        train.check_seed("eval.seed", config.eval.seed)
+    else:
+        train.check_seed("--seed", seed)
     n = config.eval.num_images if num_images is None else num_images
     devices = mesh.devices.size
     if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n % devices:
@@ -109,8 +116,9 @@ def _no_checkpoint(workdir: str) -> FileNotFoundError:
     directory = os.path.join(workdir, "checkpoints")
     return FileNotFoundError(
         f"no complete checkpoint in {directory!r}; train first with "
-        f"python -m launch.train --workdir {workdir} (a run in progress writes "
-        "its first one after train.checkpoint_every steps)"
+        f"python -m launch.train --config <the same config> --workdir {workdir} "
+        "(a run in progress writes its first one after train.checkpoint_every "
+        "steps)"
     )
 
 

@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from stochinterp import input_errors
+
 DATA_AXIS = "data"
 
 
@@ -122,6 +124,49 @@ def any_process(flag: bool) -> bool:
     return bool(np.any(flags))
 
 
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+@input_errors.checks
+def distributed_settings(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> tuple[str | None, int, int]:
+    """(coordinator address, process count, this process's index), checked.
+
+    Values left as ``None`` are read from ``STOCHINTERP_COORDINATOR``,
+    ``STOCHINTERP_NUM_PROCESSES`` and ``STOCHINTERP_PROCESS_ID`` (default one
+    process, index 0).
+    """
+    if coordinator_address is None:
+        coordinator_address = os.environ.get("STOCHINTERP_COORDINATOR")
+    if num_processes is None:
+        num_processes = _env_int("STOCHINTERP_NUM_PROCESSES", 1)
+    if process_id is None:
+        process_id = _env_int("STOCHINTERP_PROCESS_ID", 0)
+    if num_processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    if not 0 <= process_id < num_processes:
+        raise ValueError(
+            f"process_id={process_id} must lie in [0, {num_processes - 1}] "
+            f"for num_processes={num_processes}"
+        )
+    if num_processes > 1 and not coordinator_address:
+        raise ValueError(
+            f"num_processes={num_processes} needs a coordinator address "
+            "(host:port), from the flag or STOCHINTERP_COORDINATOR"
+        )
+    return coordinator_address, num_processes, process_id
+
+
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -129,31 +174,18 @@ def initialize_distributed(
 ) -> bool:
     """Starts the JAX distributed runtime when more than one process is asked.
 
-    Values left as ``None`` are read from ``STOCHINTERP_COORDINATOR``,
-    ``STOCHINTERP_NUM_PROCESSES`` and ``STOCHINTERP_PROCESS_ID``. With one
-    process (the default) nothing is started.
+    The settings are checked first (:func:`distributed_settings`, which also
+    reads them from the environment). With one process (the default) nothing
+    is started.
 
     Returns:
       True when the distributed runtime was started.
     """
-    env = os.environ
-    if coordinator_address is None:
-        coordinator_address = env.get("STOCHINTERP_COORDINATOR")
-    if num_processes is None:
-        num_processes = int(env.get("STOCHINTERP_NUM_PROCESSES", "1"))
-    if process_id is None:
-        process_id = int(env.get("STOCHINTERP_PROCESS_ID", "0"))
-    if num_processes <= 1:
+    coordinator_address, num_processes, process_id = distributed_settings(
+        coordinator_address, num_processes, process_id
+    )
+    if num_processes == 1:
         return False
-    if not coordinator_address:
-        raise ValueError(
-            f"num_processes={num_processes} needs a coordinator address "
-            "(host:port), from the flag or STOCHINTERP_COORDINATOR"
-        )
-    if not 0 <= process_id < num_processes:
-        raise ValueError(
-            f"process_id={process_id} must lie in [0, {num_processes - 1}]"
-        )
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,

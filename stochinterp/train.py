@@ -87,6 +87,12 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
     return size, size, 1 if config.data.name == "digits" else 3
 
 
+def check_seed(name: str, seed) -> None:
+    """Raises unless ``seed`` is an integer a random key takes: [0, 2**63)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"{name} must be an integer in [0, 2**63), got {seed!r}")
+
+
 def validate_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     """Checks every value the loop reads; raises ValueError before any work.
 
@@ -98,6 +104,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     (``data.validate``) and fills a batch.
     """
     tc = config.train
+    check_seed("seed", config.seed)
     sharding.check_global_batch(tc.global_batch, mesh)
     interpolants.check_time_range(tc.t_min, tc.t_max)
     for name in (

@@ -271,3 +271,55 @@ def test_an_unwritable_cache_folder_turns_the_cache_off(tmp_path):
     (on, hits), stderr = _probe_cache(blocker / "xla")
     assert (on, hits) == ("False", "0")
     assert "compilation cache off" in stderr and "file/xla" in stderr
+
+
+@pytest.mark.parametrize(
+    "launcher, args, env, message",
+    [
+        (
+            "train",
+            ("--config.seed=99999999999999999999",),
+            {},
+            "error: seed must be an integer in [0, 2**63), got 99999999999999999999",
+        ),
+        (
+            "sample",
+            ("--seed=-3",),
+            {},
+            "error: --seed must be an integer in [0, 2**63), got -3",
+        ),
+        (
+            "train",
+            ("--num_processes=2",),
+            {},
+            "error: num_processes=2 needs a coordinator address (host:port), from "
+            "the flag or STOCHINTERP_COORDINATOR",
+        ),
+        (
+            "train",
+            ("--process_id=3",),
+            {},
+            "error: process_id=3 must lie in [0, 0] for num_processes=1",
+        ),
+        (
+            "train",
+            (),
+            {"STOCHINTERP_NUM_PROCESSES": "two"},
+            "error: STOCHINTERP_NUM_PROCESSES must be an integer, got 'two'",
+        ),
+    ],
+)
+def test_bad_seeds_and_process_settings_are_one_line(
+    tmp_path, monkeypatch, launcher, args, env, message
+):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    workdir = tmp_path / "wd"
+    if launcher == "sample":
+        workdir.mkdir()  # refused before its checkpoints are looked for
+    result = run_train(
+        "--workdir", str(workdir), *args, tmp_path=tmp_path, launcher=launcher
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == message
+    assert os.listdir(workdir) == [] if launcher == "sample" else not workdir.exists()

@@ -23,6 +23,7 @@ import pytest
 from launch import _common
 from stochinterp import checkpointing, losses, sharding, train
 from stochinterp import train_state as ts
+from stochinterp.input_errors import is_input_error
 
 
 def tiny_config(tmp_path, **overrides):
@@ -299,6 +300,19 @@ def test_distributed_start_needs_a_coordinator_and_a_valid_id(monkeypatch):
         sharding.initialize_distributed("127.0.0.1:1", 2, 2)
     monkeypatch.setenv("STOCHINTERP_NUM_PROCESSES", "1")
     assert sharding.initialize_distributed() is False
+    for args, message in [
+        ((None, 0, None), "num_processes must be >= 1, got 0"),
+        ((None, 1, 3), r"process_id=3 must lie in \[0, 0\] for num_processes=1"),
+        ((None, 2, -1), r"process_id=-1 must lie in \[0, 1\]"),
+    ]:
+        with pytest.raises(ValueError, match=message) as raised:
+            sharding.initialize_distributed(*args)
+        assert is_input_error(raised.value)
+    monkeypatch.setenv("STOCHINTERP_NUM_PROCESSES", "two")
+    with pytest.raises(
+        ValueError, match="STOCHINTERP_NUM_PROCESSES must be an integer, got 'two'"
+    ):
+        sharding.initialize_distributed()
 
 
 # ------------------------------------------------------------- checkpoints
