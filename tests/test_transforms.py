@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from stochinterp.data import transforms
 
@@ -63,3 +64,23 @@ def test_finite_values_far_outside_the_range_are_clipped_not_called_infinite():
     assert np.array_equal(
         transforms.from_unit_range(-images), np.zeros((2, 2, 3), np.uint8)
     )
+
+
+def test_a_float_image_with_nan_is_named_and_finite_ones_still_decode(tmp_path):
+    grey = np.random.default_rng(0).random((20, 20)).astype(np.float32)
+    path = tmp_path / "float.png"  # a TIFF under an image name, as in ImageNet
+    Image.fromarray(grey, mode="F").save(path, format="TIFF")
+    want = np.round(grey.astype(np.float64) * 255).astype(np.uint8)
+    want = transforms.center_crop_adm(Image.fromarray(want), 8)
+    np.testing.assert_array_equal(transforms.decode_image_file(path, 8), want)
+
+    grey[5:10, 5:10] = np.nan
+    grey[0, 0] = np.inf
+    Image.fromarray(grey, mode="F").save(path, format="TIFF")
+    with pytest.raises(ValueError) as raised:
+        transforms.decode_image_file(path, 8)
+    message = str(raised.value)
+    assert message.startswith(f"image file '{path}' has 26 non-finite pixel values")
+    assert "\n" not in message
+    with pytest.raises(ValueError, match="has 26 non-finite pixel values"):
+        transforms.to_rgb(Image.fromarray(grey, mode="F"))

@@ -20,13 +20,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     as they are; 16-bit ``I;16`` rescaled by 1/257; 32-bit ``I`` as 8-bit
     values when none exceeds 255, else as 16-bit (1/257, clipped); float
     ``F`` as [0, 1] when none exceeds 1, else as [0, 255] (clipped). Palette
-    images are expanded, CMYK
-    uses PIL's conversion (``R = (255 - C) * (255 - K) / 255``, and so on), and an
-    alpha channel (``RGBA``, ``LA``, ``P`` with transparency) is dropped
-    without compositing, as ADM's ImageNet loader does.
+    images are expanded, CMYK uses PIL's conversion
+    (``R = (255 - C) * (255 - K) / 255``, and so on), and an alpha channel
+    (``RGBA``, ``LA``, ``P`` with transparency) is dropped without
+    compositing, as ADM's ImageNet loader does.
+
+    Raises:
+      ValueError: a float image holds NaN or infinite values.
     """
     if image.mode == "RGB":
         return image
+    _check_finite(image, "float image")
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         # PIL's own conversion clips at 255 instead of rescaling.
         grey = np.asarray(image, dtype=np.float64)
@@ -37,6 +41,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
         grey = np.clip(np.round(grey), 0, 255)
         image = Image.fromarray(grey.astype(np.uint8))
     return image.convert("RGB")
+
+
+class _NonFinitePixels(ValueError):
+    """A float image decodes but holds NaN or infinite values."""
+
+
+def _check_finite(image: Image.Image, name: str) -> None:
+    if image.mode != "F":  # only float images can hold NaN or infinity
+        return
+    bad = np.count_nonzero(~np.isfinite(np.asarray(image)))
+    if bad:
+        raise _NonFinitePixels(
+            f"{name} has {bad} non-finite pixel values (NaN or infinity) among "
+            f"its {image.width * image.height} float pixels; replace it with an "
+            "image of finite values or remove it"
+        )
 
 
 # What PIL raises for a file it cannot decode (or will not: over its
@@ -106,12 +126,16 @@ def decode_image_file(path: str | os.PathLike, size: int) -> np.ndarray:
       ``[size, size, 3]`` uint8 array.
 
     Raises:
-      ValueError: the file cannot be read or decoded; the message names it.
+      ValueError: the file cannot be read or decoded, or it is a float image
+        with NaN or infinite values; the message names it.
     """
     try:
         with Image.open(path) as image:
             image.load()
+            _check_finite(image, f"image file {os.fspath(path)!r}")
             return center_crop_adm(image, size)
+    except _NonFinitePixels:
+        raise
     except _DECODE_ERRORS as err:
         raise ValueError(
             f"cannot decode image file {os.fspath(path)!r} ({err}). The file is "
@@ -125,7 +149,10 @@ def decode_image_bytes(data: bytes, size: int, name: str = "<bytes>") -> np.ndar
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
+            _check_finite(image, f"stored image {name!r}")
             return center_crop_adm(image, size)
+    except _NonFinitePixels:
+        raise
     except _DECODE_ERRORS as err:
         raise ValueError(f"cannot decode stored image {name!r} ({err})") from err
 
