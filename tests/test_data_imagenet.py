@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 from ml_collections import ConfigDict
 from PIL import Image
 
-from stochinterp import data
+from stochinterp import data, input_errors
 from stochinterp.data import imagenet, transforms
 
 CLASSES = ("n01440764", "n01443537", "n01484850")
@@ -339,3 +339,103 @@ def test_imagenet2012_prepared_copy_is_cropped_on_the_fly(tmp_path):
     assert got["image"].shape == (2, 16, 16, 3)
     np.testing.assert_array_equal(got["image"][0], want)
     assert got["label"][0] == first % 3
+
+
+def _two_classes(root, rng):
+    for name in CLASSES[:2]:
+        (root / "train" / name).mkdir(parents=True)
+        Image.fromarray(_random_rgb(rng, 20, 20)).save(root / "train" / name / "a.JPEG")
+
+
+def test_a_name_that_is_not_utf8_is_named_before_building(tmp_path):
+    rng = np.random.default_rng(4)
+    _two_classes(tmp_path / "src", rng)
+    good = tmp_path / "src" / "train" / CLASSES[0] / "a.JPEG"
+    bad = os.fsencode(good.parent) + b"/bad\xff.jpg"
+    with open(bad, "wb") as f:
+        f.write(good.read_bytes())
+    with pytest.raises(ValueError) as raised:
+        data.builder(_config(tmp_path / "src", tmp_path / "tfds"))
+    want = f"image file name '{good.parent}/bad\\xff.jpg' is not valid UTF-8"
+    assert want in str(raised.value)
+    assert "\n" not in str(raised.value)
+    os.remove(bad)
+    os.mkdir(os.fsencode(tmp_path / "src" / "train") + b"/n\xfe")
+    with pytest.raises(ValueError, match=r"class folder name '.*/train/n\\xfe' is"):
+        imagenet.scan_train(str(tmp_path / "src"))
+
+
+def test_val_with_class_folders_and_flat_images_is_refused(tmp_path):
+    rng = np.random.default_rng(5)
+    _two_classes(tmp_path, rng)
+    val = tmp_path / "val"
+    (val / CLASSES[0]).mkdir(parents=True)
+    Image.fromarray(_random_rgb(rng, 20, 20)).save(val / CLASSES[0] / "val_0.JPEG")
+    for k in range(1, 4):
+        Image.fromarray(_random_rgb(rng, 20, 20)).save(val / f"val_{k}.JPEG")
+    (val / "val_labels.txt").write_text(
+        "".join(f"val_{k}.JPEG {CLASSES[k % 2]}\n" for k in range(4))
+    )
+    with pytest.raises(ValueError) as raised:
+        imagenet.scan_validation(str(tmp_path), list(CLASSES[:2]))
+    message = str(raised.value)
+    assert "either class folders or flat images with a labels file" in message
+    assert f"'{val / CLASSES[0]}'" in message and f"'{val / 'val_3.JPEG'}'" in message
+
+
+def test_skipped_entries_in_val_class_folders_are_counted(tmp_path, caplog):
+    rng = np.random.default_rng(6)
+    _two_classes(tmp_path, rng)
+    folder = tmp_path / "val" / CLASSES[1]
+    (folder / "nested.jpg").mkdir(parents=True)
+    Image.fromarray(_random_rgb(rng, 20, 20)).save(folder / "b.png")
+    (folder / "notes.txt").write_text("not an image")
+    with caplog.at_level("WARNING", logger="absl"):
+        files = imagenet.scan_validation(str(tmp_path), list(CLASSES[:2]))
+    assert files == [(str(folder / "b.png"), 1)]
+    [line] = [r.getMessage() for r in caplog.records if "Skipped" in r.getMessage()]
+    assert line.startswith(f"Skipped 2 entries under {tmp_path / 'val'} ")
+
+
+def test_every_skipped_train_entry_is_counted_and_broken_links_refused(
+    tmp_path, caplog
+):
+    rng = np.random.default_rng(7)
+    _two_classes(tmp_path, rng)
+    train = tmp_path / "train"
+    folder = train / CLASSES[0]
+    (folder / "folder.jpg").mkdir()  # a folder is not an image
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".DS_Store").write_bytes(b"\0")
+    os.symlink(tmp_path / "gone.txt", folder / "dangling.txt")
+    (train / "README").write_text("about this tree")
+    with caplog.at_level("WARNING", logger="absl"):
+        _, files = imagenet.scan_train(str(tmp_path))
+    assert len(files) == 2
+    [line] = [r.getMessage() for r in caplog.records if "Skipped" in r.getMessage()]
+    assert line.startswith(f"Skipped 5 entries under {train} ")
+
+    os.symlink(tmp_path / "gone.jpg", folder / "dangling.jpg")
+    with pytest.raises(ValueError, match=r"dangling\.jpg' is a broken symbolic link"):
+        imagenet.scan_train(str(tmp_path))
+    os.remove(folder / "dangling.jpg")
+    Image.fromarray(_random_rgb(rng, 20, 20)).save(train / "loose.JPEG")
+    with pytest.raises(ValueError, match=r"images outside the class folders .*loose"):
+        imagenet.scan_train(str(tmp_path))
+
+
+@pytest.mark.parametrize("content", ["{garbage", "{}"])
+def test_imagenet2012_with_damaged_dataset_info_is_an_input_error(tmp_path, content):
+    folder = tmp_path / "imagenet2012" / "5.1.0"
+    folder.mkdir(parents=True)
+    (folder / "dataset_info.json").write_text(content)
+    config = ConfigDict(
+        {"name": "imagenet2012", "image_size": 64, "data_dir": str(tmp_path)}
+    )
+    with pytest.raises(ValueError) as raised:
+        data.builder(config)
+    message = str(raised.value)
+    want = f"'{folder / 'dataset_info.json'}' is not a readable TFDS dataset_info"
+    assert message.startswith(want)
+    assert "tfds build imagenet2012" in message and "\n" not in message
+    assert input_errors.is_input_error(raised.value)

@@ -6,12 +6,17 @@
     val/<class>/<image>            either the same class folders, or
     val/<image>                    flat, with a labels file (see below)
 
-Images are files ending in .JPEG, .jpg, .jpeg or .png (any case); other files
-are skipped and counted in the log. The class list is the sorted list of
-``train/`` folder names and the label is the index in it (for ImageNet this is
-the usual sorted-synset order, the same as TFDS ``imagenet2012``). A flat
-``val/`` needs one of these files, looked up in ``source_dir`` and then in
-``source_dir/val``:
+Images are files ending in .JPEG, .jpg, .jpeg or .png (any case); every
+other entry (files with another extension, folders inside a class folder,
+hidden ``.name`` entries, special files) is skipped and counted in the log. A
+broken symbolic link with an image extension, an image or class folder name
+that is not valid UTF-8, and images beside class folders (in ``train/``, or
+in ``val/`` next to its class folders) are errors, raised before building.
+
+The class list is the sorted list of ``train/`` folder names and the label is
+the index in it (for ImageNet this is the usual sorted-synset order, the same
+as TFDS ``imagenet2012``). A flat ``val/`` needs one of these files, looked up
+in ``source_dir`` and then in ``source_dir/val``:
 
 * ``LOC_val_solution.csv`` (the Kaggle ImageNet layout): a header line, then
   ``ImageId,PredictionString`` rows whose prediction string starts with the
@@ -37,7 +42,9 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+from google.protobuf import json_format
 
+from stochinterp import input_errors
 from stochinterp.data import transforms
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
@@ -57,18 +64,92 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def _list_images(folder: str) -> tuple[list[str], int]:
-    """Sorted image file names in ``folder`` and the number of other files."""
-    names = sorted(e.name for e in os.scandir(folder) if e.is_file())
-    images = [n for n in names if _is_image(n)]
-    return images, len(names) - len(images)
+def _shown(path: str) -> str:
+    """``path`` quoted for a message, bytes that are not UTF-8 as ``\\xff``."""
+    return "'" + os.fsencode(path).decode("utf-8", "backslashreplace") + "'"
 
 
-def _class_folders(root: str) -> list[str]:
-    """Sorted class folder names; hidden folders (``.name``) are not classes."""
-    return sorted(
-        e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
-    )
+def _check_utf8(path: str, what: str) -> None:
+    # File and class names are stored as text, which must be UTF-8.
+    try:
+        os.path.basename(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"the {what} name {_shown(path)} is not valid UTF-8; file and folder "
+            "names must be valid UTF-8 (they are stored as text): rename it"
+        ) from None
+
+
+def _check_not_broken_link(path: str) -> None:
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ValueError(
+            f"{_shown(path)} is a broken symbolic link (to "
+            f"{_shown(os.readlink(path))}, which does not exist) where an image "
+            "file was expected: restore its target or remove the link, then "
+            "build the dataset again"
+        )
+
+
+def _scan(folder: str) -> tuple[list[str], list[str], list[str]]:
+    """The entries of ``folder``: image names, folder names, other paths.
+
+    Images are files with an image extension, folders are directories; both
+    lists are sorted names. Everything else (files with another extension,
+    special files, hidden ``.name`` entries) is returned as sorted paths.
+
+    Raises:
+      ValueError: an image name is not valid UTF-8, or is a broken symbolic
+        link.
+    """
+    images, folders, other = [], [], []
+    for entry in os.scandir(folder):
+        if entry.name.startswith("."):
+            other.append(entry.path)
+        elif entry.is_dir():
+            folders.append(entry.name)
+        elif not _is_image(entry.name):
+            other.append(entry.path)
+        elif entry.is_file():
+            _check_utf8(entry.path, "image file")
+            images.append(entry.name)
+        else:
+            _check_not_broken_link(entry.path)
+            other.append(entry.path)
+    return sorted(images), sorted(folders), sorted(other)
+
+
+def _class_files(
+    root: str, folders: list[str], index: dict[str, int]
+) -> tuple[list[tuple[str, int]], list[str]]:
+    """Lists the images of the class folders ``root/<name>/`` and the rest.
+
+    Returns:
+      The ``(path, label)`` pairs of the images, and the paths of the other
+      entries of those folders (nested folders included).
+    """
+    files, skipped = [], []
+    for name in folders:
+        folder = os.path.join(root, name)
+        images, nested, other = _scan(folder)
+        files.extend((os.path.join(folder, image), index[name]) for image in images)
+        skipped.extend([os.path.join(folder, n) for n in nested] + other)
+    return files, skipped
+
+
+def _log_skipped(root: str, skipped: list[str]) -> None:
+    if skipped:
+        logging.warning(
+            "Skipped %d entries under %s that are not image files (other "
+            "extensions, nested or hidden folders, special files), e.g. %s",
+            len(skipped),
+            root,
+            ", ".join(_shown(path) for path in skipped[:3]),
+        )
+
+
+def _few(root: str, names: list[str]) -> str:
+    shown = ", ".join(_shown(os.path.join(root, name)) for name in names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def scan_train(source_dir: str) -> tuple[list[str], list[tuple[str, int]]]:
@@ -76,7 +157,9 @@ def scan_train(source_dir: str) -> tuple[list[str], list[tuple[str, int]]]:
 
     Raises:
       FileNotFoundError: ``source_dir`` or ``source_dir/train`` is missing.
-      ValueError: no class folder or no image was found.
+      ValueError: no class folder or no image was found, images lie outside
+        the class folders, a name is not valid UTF-8 or an image name is a
+        broken symbolic link.
     """
     if not os.path.isdir(source_dir):
         raise FileNotFoundError(
@@ -89,21 +172,27 @@ def scan_train(source_dir: str) -> tuple[list[str], list[tuple[str, int]]]:
             f"no train/ folder in {source_dir!r} (found: "
             f"{sorted(os.listdir(source_dir))[:10]}); {LAYOUT_HELP}"
         )
-    classes = _class_folders(train)
+    loose, classes, skipped = _scan(train)
+    if loose:
+        raise ValueError(
+            f"{train!r} holds images outside the class folders "
+            f"({_few(train, loose)}); train/ must hold one folder per class "
+            f"with the images inside: move them into their class folders "
+            f"({LAYOUT_HELP})"
+        )
     if not classes:
         raise ValueError(f"{train!r} holds no class folders; {LAYOUT_HELP}")
-    files, skipped = [], 0
-    for label, name in enumerate(classes):
-        images, other = _list_images(os.path.join(train, name))
-        skipped += other
-        files.extend((os.path.join(train, name, image), label) for image in images)
+    for name in classes:
+        _check_utf8(os.path.join(train, name), "class folder")
+
+    index = {name: label for label, name in enumerate(classes)}
+    files, in_classes = _class_files(train, classes, index)
     if not files:
         raise ValueError(
             f"the class folders of {train!r} hold no image files "
             f"({', '.join(IMAGE_EXTENSIONS)}); {LAYOUT_HELP}"
         )
-    if skipped:
-        logging.warning("Skipped %d non-image files under %s", skipped, train)
+    _log_skipped(train, skipped + in_classes)
     return classes, files
 
 
@@ -150,36 +239,47 @@ def scan_validation(source_dir: str, classes: list[str]) -> list[tuple[str, int]
 
     Raises:
       ValueError: an unknown class folder or label, an image without a label,
-        a flat ``val/`` without a labels file, or no image at all.
+        a flat ``val/`` without a labels file, class folders and flat images
+        side by side, a name that is not valid UTF-8, an image name that is a
+        broken symbolic link, or no image at all.
     """
     val = os.path.join(source_dir, "val")
     if not os.path.isdir(val):
         logging.warning("No val/ folder in %s: building the train split only", val)
         return []
     index = {name: i for i, name in enumerate(classes)}
-    folders = _class_folders(val)
+    flat, folders, skipped = _scan(val)
+    if flat and folders:
+        raise ValueError(
+            f"{val!r} holds both class folders ({_few(val, folders)}) and "
+            f"images outside them ({_few(val, flat)}); val/ must be either "
+            "class folders or flat images with a labels file, not both: move "
+            "the images into their class folders, or the class folders' "
+            "images up into val/ and into the labels file"
+        )
     if folders:
+        for name in folders:
+            _check_utf8(os.path.join(val, name), "class folder")
         unknown = sorted(set(folders) - set(index))
         if unknown:
             raise ValueError(
                 f"class folders {unknown[:5]} in {val!r} have no match in train/; "
                 "validation classes must be a subset of the training classes"
             )
-        files = []
-        for name in folders:
-            images, _ = _list_images(os.path.join(val, name))
-            files.extend((os.path.join(val, name, i), index[name]) for i in images)
+        files, in_classes = _class_files(val, folders, index)
+        skipped += in_classes
     else:
-        files = _flat_validation(source_dir, val, index)
+        files = _flat_validation(source_dir, val, flat, index)
+        skipped = [p for p in skipped if os.path.basename(p) not in VAL_LABEL_FILES]
     if not files:
         raise ValueError(f"{val!r} holds no image files; {LAYOUT_HELP}")
+    _log_skipped(val, skipped)
     return files
 
 
 def _flat_validation(
-    source_dir: str, val: str, index: dict[str, int]
+    source_dir: str, val: str, images: list[str], index: dict[str, int]
 ) -> list[tuple[str, int]]:
-    images, _ = _list_images(val)
     if not images:
         return []
     labels_path = _find_val_labels(source_dir)
@@ -328,7 +428,8 @@ def imagenet2012_builder(data_dir: str) -> tfds.core.DatasetBuilder:
 
     Raises:
       FileNotFoundError: no prepared copy; the message says how to make one.
-      ValueError: the prepared copy is not in the array_record format.
+      ValueError: the prepared copy is not in the array_record format, or its
+        metadata cannot be read (an input error, ``stochinterp.input_errors``).
     """
     root = os.path.join(data_dir, "imagenet2012")
     versions = []
@@ -350,7 +451,7 @@ def imagenet2012_builder(data_dir: str) -> tfds.core.DatasetBuilder:
             "data.name='imagenet_folder' with data.source_dir set to a folder "
             "tree of JPEGs"
         )
-    builder = tfds.builder_from_directory(os.path.join(root, versions[-1][1]))
+    builder = _open_prepared(os.path.join(root, versions[-1][1]), data_dir)
     file_format = builder.info.file_format
     if file_format is None or file_format.value != "array_record":
         raise ValueError(
@@ -360,3 +461,22 @@ def imagenet2012_builder(data_dir: str) -> tfds.core.DatasetBuilder:
             "or prepare it again with --file_format=array_record"
         )
     return builder
+
+
+def _open_prepared(folder: str, data_dir: str) -> tfds.core.DatasetBuilder:
+    """``tfds.builder_from_directory``, with a damaged metadata file named."""
+    try:
+        return tfds.builder_from_directory(folder)
+    except (json_format.ParseError, ValueError, KeyError, TypeError) as err:
+        info = os.path.join(folder, "dataset_info.json")
+        detail = " ".join(str(err).split())[:200]
+        raise input_errors.mark(
+            ValueError(
+                f"{info!r} is not a readable TFDS dataset_info.json ({detail}; "
+                "features.json beside it is read too): prepare imagenet2012 "
+                "again (`tfds build imagenet2012 "
+                f"--data_dir={data_dir} --manual_dir=<tars> "
+                "--file_format=array_record`) or point data.data_dir at another "
+                "copy"
+            )
+        ) from err
