@@ -119,6 +119,49 @@ class _Pointwise(nn.Module):
         return y.reshape(*x.shape[:-1], self.features)
 
 
+class _PointwiseWeights(nn.Module):
+    """The parameters of ``_Pointwise`` alone: kernel [in, out] and bias."""
+
+    features: int
+    fan_in: int
+    use_bias: bool
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self):
+        shape = (1, 1, self.fan_in, self.features)
+        kernel = self.param("kernel", torch_kernel_init, shape, self.param_dtype)
+        if not self.use_bias:
+            return kernel[0, 0].astype(self.dtype)
+        bias = self.param(
+            "bias", torch_bias_init(self.fan_in), (self.features,), self.param_dtype
+        )
+        return kernel[0, 0].astype(self.dtype), bias.astype(self.dtype)
+
+
+class _PointwiseKernel(nn.Module):
+    """The weights of ``Conv(features, 1)`` (same names and initial values)
+    without applying them: ``kernel`` [in, features], and ``bias`` when asked.
+    """
+
+    features: int
+    fan_in: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, bias: bool = False):
+        return _PointwiseWeights(
+            self.features,
+            self.fan_in,
+            bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="conv",
+        )()
+
+
 class Dense(nn.Module):
     """Linear layer with PyTorch-style init.
 
@@ -320,7 +363,17 @@ class LinearAttention(nn.Module):
     """Residual linear attention: pre-RMSNorm, softmax kernels, output RMSNorm.
 
     q is normalised by a softmax over each head's features, k by a softmax over
-    positions; ``out_n = sum_d q_nd (sum_m k_md v_m) * dim_head**-0.5``.
+    positions; ``out_n = sum_d q_nd (sum_m k_md v_m) * dim_head**-0.5``,
+    followed by the 1x1 output convolution ``to_out``.
+
+    The parameters are those of the reference layout (``to_qkv`` makes q, k
+    and v from the normalised input y), but the products are grouped so that
+    only two of them run over all positions besides q and k: the values enter
+    through ``k^T y`` (per example, heads x dim_head x channels) and the output
+    convolution through ``context @ W_out`` (per example, heads x dim_head x
+    out channels), so ``out = q @ (context W_out) + bias``. Same function (by
+    associativity); v and the per-head output are never formed, which saves
+    the layout changes of the heads' batched products.
 
     Attributes:
       heads: number of heads.
@@ -337,17 +390,27 @@ class LinearAttention(nn.Module):
         """x: [batch, height, width, channels] -> same shape (x + attention)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, h, w, c = x.shape
-        hidden = self.heads * self.dim_head
-        q, k, v = _normed_qkv(x, self.heads, self.dim_head, kw)
+        heads, d = self.heads, self.dim_head
+        hidden = heads * d
+        y = RMSNorm(name="norm", **kw)(x).reshape(b, h * w, c)
+        w_qkv = _PointwiseKernel(3 * hidden, c, name="to_qkv", **kw)()
+        w_q, w_k, w_v = (w_qkv[:, i * hidden : (i + 1) * hidden] for i in range(3))
+        q = (y @ w_q).reshape(b, h * w, heads, d)
+        k = (y @ w_k).reshape(b, h * w, heads, d)
 
-        q = jax.nn.softmax(q.astype(jnp.float32), axis=-1) * self.dim_head**-0.5
+        q = jax.nn.softmax(q.astype(jnp.float32), axis=-1) * d**-0.5
         k = jax.nn.softmax(k.astype(jnp.float32), axis=1)
         q, k = q.astype(self.dtype), k.astype(self.dtype)
-        context = jnp.einsum("bnhd,bnhe->bhde", k, v)
-        out = jnp.einsum("bhde,bnhd->bnhe", context, q)
-
-        out = Conv(c, 1, name="to_out", **kw)(out.reshape(b, h, w, hidden))
-        return RMSNorm(name="out_norm", **kw)(out) + x
+        # k^T y, then the values' weights: context[b, head, d, e] = k^T v.
+        k_y = jnp.einsum("bnk,bnc->bkc", k.reshape(b, h * w, hidden), y)
+        context = jnp.einsum(
+            "bhdc,che->bhde", k_y.reshape(b, heads, d, c), w_v.reshape(c, heads, d)
+        )
+        w_out, bias = _PointwiseKernel(c, hidden, name="to_out", **kw)(bias=True)
+        mixed = jnp.einsum("bhde,heo->bhdo", context, w_out.reshape(heads, d, c))
+        out = q.reshape(b, h * w, hidden) @ mixed.reshape(b, hidden, c) + bias
+        out = RMSNorm(name="out_norm", **kw)(out.reshape(b, h, w, c))
+        return out + x
 
 
 class Attention(nn.Module):
