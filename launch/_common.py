@@ -174,19 +174,24 @@ def check_tag(tag: str) -> None:
         )
 
 
-def output_name(config, step: int, tag: str, seed: int | None = None) -> str:
+def output_name(
+    config, step: int, tag: str, seed: int | None = None, count: int | None = None
+) -> str:
     """The part of the output file names that tells runs apart.
 
     ``<method>_step<N>``, then ``_raw`` for the raw (not EMA) weights,
-    ``_w<scale>`` for a guidance scale other than 1, ``_seed<k>`` when given
-    and ``_<tag>``: evaluating another checkpoint, weights, guidance scale or
-    seed writes new files instead of replacing the earlier ones.
+    ``_w<scale>`` for a guidance scale other than 1, ``_n<count>`` and
+    ``_seed<k>`` when given, and ``_<tag>``: sampling another checkpoint,
+    weights, guidance scale, number of images or seed writes new files
+    instead of replacing the earlier ones.
     """
     parts = [config.sampler.method, f"step{step}"]
     if not config.eval.use_ema:
         parts.append("raw")
     if config.sampler.guidance_scale != 1:
         parts.append(f"w{config.sampler.guidance_scale:g}")
+    if count is not None:
+        parts.append(f"n{count}")
     if seed is not None:
         parts.append(f"seed{seed}")
     if tag:

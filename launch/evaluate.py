@@ -51,7 +51,6 @@ def main(argv):
     metrics.update(
         step=step,
         use_ema=config.eval.use_ema,
-        sampler_settings=config.sampler.to_dict(),
         eval_settings=config.eval.to_dict(),
     )
     if jax.process_index() == 0:

@@ -6,12 +6,13 @@
 The coupling is drawn on the first ``num_samples`` held-out images (their
 masks, low-resolution versions or labels condition the samples). Writes
 ``DIR/samples/samples_<name>.npz`` (x0, samples, ground truth, labels for
-class-conditional models, and the sampler settings as JSON text; the samples
+class-conditional models, and as JSON text ``sampling``: the sampler settings
+and what the sampler did, see ``pipeline.sampling_record``; the samples
 are the sampler's end points, not clipped) and
 ``DIR/samples/samples_<name>.png`` (rows: base sample x0, sample, ground
 truth, clipped to [-1, 1]), where ``<name>`` is ``<method>_step<N>``, then
 ``_raw`` for the raw weights, ``_w<scale>`` for a guidance scale other than
-1, ``_seed<k>`` and ``_<tag>`` for ``--tag``.
+1, ``_n<num_samples>``, ``_seed<k>`` and ``_<tag>`` for ``--tag``.
 """
 
 from __future__ import annotations
@@ -58,25 +59,29 @@ def main(argv):
     )
     if jax.process_index() != 0:
         return
-    name = _common.output_name(config, step, FLAGS.tag, seed=FLAGS.seed)
+    name = _common.output_name(
+        config, step, FLAGS.tag, seed=FLAGS.seed, count=FLAGS.num_samples
+    )
     stem = os.path.join(workdir, "samples", f"samples_{name}")
     labels = {} if sample.labels is None else {"labels": np.asarray(sample.labels)}
-    settings = json.dumps(config.sampler.to_dict())
+    record = pipeline.sampling_record(config, info)
     np.savez(
         stem + ".npz",
         x0=sample.x0,
         samples=samples,
         ground_truth=x1,
-        sampler_settings=np.asarray(settings),
+        sampling=np.asarray(json.dumps(record)),
         **labels,
     )
     evaluate.save_grid(stem + ".png", [np.clip(sample.x0, -1, 1), samples, x1])
     logging.getLogger("launch.sample").info(
-        "step %d: %d samples with %s, %d model calls, %.1f s -> %s.png",
+        "step %d: %d samples with %s, %d field calls (%d of them score calls), "
+        "%.1f s -> %s.png",
         step,
         samples.shape[0],
         config.sampler.method,
-        int(info.nfe),
+        record["nfe"],
+        record["nfe_score"],
         seconds,
         stem,
     )

@@ -167,7 +167,9 @@ class IndependentCoupling:
         self, key: jax.Array, x1: jax.Array, labels: jax.Array | None = None
     ) -> CouplingSample:
         _check_data(x1)
-        key_noise, key_cond = jax.random.split(key)
+        # The split of InpaintingCoupling: from the same key the baseline gets
+        # the same mask and the same noise, so both are evaluated alike.
+        key_cond, key_noise = jax.random.split(key)
         x0 = jax.random.normal(key_noise, x1.shape, x1.dtype)
         cond = None
         if isinstance(self.condition_like, InpaintingCoupling):

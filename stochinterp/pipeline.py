@@ -7,6 +7,7 @@ workdir.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -174,6 +175,28 @@ def _guidance(config) -> tuple[float, int] | None:
     return scale, cc.num_classes
 
 
+def sampling_record(config, info: samplers.SamplerInfo) -> dict:
+    """What a sampling run used and did, for its output files.
+
+    The sampler settings as the sampler read them (``num_steps`` is absent
+    for Dopri5, which does not use it), the guidance scale, and the counts of
+    the :class:`~stochinterp.samplers.SamplerInfo`: field calls (velocity and
+    score together), score calls, and accepted and rejected steps.
+    """
+    settings = samplers.SamplerSettings.from_config(config.sampler)
+    used = dataclasses.asdict(settings)
+    if settings.method == "dopri5":
+        del used["num_steps"]
+    return {
+        "sampler": settings.method,
+        "sampler_settings": {**used, "guidance_scale": config.sampler.guidance_scale},
+        "nfe": int(np.max(info.nfe)),
+        "nfe_score": int(np.max(info.nfe_score)),
+        "accepted_steps": int(np.max(info.accepted_steps)),
+        "rejected_steps": int(np.max(info.rejected_steps)),
+    }
+
+
 def sample_test_images(config, model, variables, mesh, n: int, seed: int):
     """Runs the configured sampler on the first n held-out images.
 
@@ -232,8 +255,7 @@ def evaluate_inpainting(
     mask = sample.mask if sample.mask is not None else sample.cond[..., :1]
     metrics = evaluate.inpainting_metrics(samples, x1, mask)
     metrics.update(
-        nfe=int(info.nfe),
-        sampler=config.sampler.method,
+        sampling_record(config, info),
         sampling_seconds=seconds,
         num_images=int(x1.shape[0]),
     )

@@ -120,6 +120,16 @@ def test_independent_coupling_and_its_conditioned_baselines():
     mask = sample.cond[..., :1]
     np.testing.assert_array_equal(sample.cond[..., 1:], mask * x1)
     assert couplings.cond_channels(baseline, 3) == sample.cond.shape[-1] == 4
+    # Same key, same mask and noise as the coupled model: both are evaluated
+    # on the same hidden pixels.
+    coupled = InpaintingCoupling(grid=4)(key, x1)
+    assert 0 < float(coupled.mask.mean()) < 1
+    np.testing.assert_array_equal(mask, coupled.mask)
+    hidden = np.asarray(coupled.mask) == 0
+    np.testing.assert_array_equal(
+        np.asarray(sample.x0)[np.broadcast_to(hidden, x1.shape)],
+        np.asarray(coupled.x0)[np.broadcast_to(hidden, x1.shape)],
+    )
 
     sr_baseline = IndependentCoupling(condition_like=SuperResolutionCoupling(factor=2))
     sample = sr_baseline(key, x1)

@@ -245,6 +245,7 @@ def test_sampling_outputs_of_other_settings_are_kept_apart(main_job):
     assert metrics["step"] == 4 and metrics["use_ema"] is False
     assert metrics["nfe"] == 5  # Heun with 3 steps: 2 x 3 - 1 calls
     assert metrics["sampler_settings"]["num_steps"] == 3
+    assert (metrics["accepted_steps"], metrics["rejected_steps"]) == (3, 0)
     assert os.path.exists(
         os.path.join(workdir, "samples", "inpaint_heun_step4_raw.png")
     )
@@ -257,12 +258,14 @@ def test_sampling_outputs_of_other_settings_are_kept_apart(main_job):
         )
         assert sampled.returncode == 0, sampled.stderr[-2000:]
     first, second = (
-        np.load(os.path.join(workdir, "samples", f"samples_euler_step4_seed{s}_a.npz"))
+        np.load(
+            os.path.join(workdir, "samples", f"samples_euler_step4_n4_seed{s}_a.npz")
+        )
         for s in (1, 2)
     )
-    assert (
-        json.loads(str(first["sampler_settings"]))["num_steps"] == 20
-    )  # the config file
+    record = json.loads(str(first["sampling"]))
+    assert record["sampler_settings"]["num_steps"] == 20  # the config file
+    assert record["nfe"] == 20 and record["accepted_steps"] == 20
     assert first["samples"].shape == (4, 16, 16, 3)
     assert not np.array_equal(first["x0"], second["x0"])  # another seed's noise
 
@@ -282,5 +285,6 @@ def test_output_names_tell_the_settings_apart():
     config.eval.use_ema = False
     config.sampler.guidance_scale = 2.5
     assert (
-        _common.output_name(config, 7, "v2", seed=0) == "heun_step7_raw_w2.5_seed0_v2"
+        _common.output_name(config, 7, "v2", seed=0, count=16)
+        == "heun_step7_raw_w2.5_n16_seed0_v2"
     )
