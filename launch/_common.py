@@ -71,7 +71,7 @@ def define_config_flag() -> None:
             "config", DEFAULT_CONFIG, "experiment config file"
         )
     except _BAD_FLAG_ERRORS as e:
-        _exit_with(e)
+        _exit_with(_unknown_field(e, sys.argv) or e)
 
 
 def _config_path(argv: list[str]) -> str | None:
@@ -92,7 +92,35 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return FLAGS(argv)
     except _BAD_FLAG_ERRORS as e:
-        _exit_with(e)
+        _exit_with(_unknown_field(e, argv) or e)
+
+
+_UNKNOWN_FIELD = re.compile(r"""'(\w+)'\s*(?:Did you mean "(\w+)")?""")
+
+
+def _unknown_field(error: Exception, argv: list[str]) -> Exception | None:
+    """An unknown ``--config.a.b`` override, named whole with its suggestion.
+
+    ml_collections reports only the unknown part (``'methd' Did you mean
+    "method" ...``, or just ``'zzz'``); this names the override as typed.
+    """
+    while error.args and isinstance(error.args[0], Exception):  # re-raises
+        error = error.args[0]
+    if not isinstance(error, KeyError) or not isinstance(error.args[0], str):
+        return None
+    match = _UNKNOWN_FIELD.match(error.args[0])
+    if match is None:
+        return None
+    name, suggestion = match.groups()
+    for arg in argv:
+        path = arg.split("=", 1)[0]
+        if path.startswith("--config.") and name in path.split(".")[1:]:
+            hint = f"; did you mean {suggestion!r}?" if suggestion else ""
+            return ValueError(
+                f"{arg}: the config has no field {path[len('--config.') :]!r} "
+                f"(no {name!r} there){hint}"
+            )
+    return None
 
 
 def set_cpu_devices() -> None:

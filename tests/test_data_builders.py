@@ -160,7 +160,6 @@ def test_digits(tmp_path):
     assert batch["image"].shape == (32, 16, 16, 1)
 
 
-@pytest.mark.slow
 def test_photo_patches_32(tmp_path):
     info = data.dataset_info(_config("photo_patches", 32, tmp_path))
     assert info.split_sizes == {"train": 7015, "test": 2322}

@@ -98,7 +98,14 @@ def test_a_misspelt_field_ends_with_one_line_not_a_traceback(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip() == (
-        'error: \'num_step\' Did you mean "num_steps" instead of "num_step"?'
+        "error: --config.train.num_step=3: the config has no field "
+        "'train.num_step' (no 'num_step' there); did you mean 'num_steps'?"
+    )
+    result = run_train(
+        "--workdir", str(tmp_path / "wd"), "--config.zzz.q=1", tmp_path=tmp_path
+    )
+    assert result.stderr.strip() == (
+        "error: --config.zzz.q=1: the config has no field 'zzz.q' (no 'zzz' there)"
     )
 
 

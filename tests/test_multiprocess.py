@@ -103,7 +103,6 @@ def test_only_process_0_writes_logs_and_metrics(two_processes):
     assert helpers.checkpoint_steps(workdir) == ([STEPS], [])
 
 
-@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_checkpoint(root, tmp_path):
     workdir, result = str(tmp_path), str(tmp_path / "result.json")
     address = f"127.0.0.1:{helpers.free_port()}"
