@@ -200,7 +200,8 @@ def sample_coupling(
         )
         return out, sample, info
 
-    out, sample, info = run(variables, x1, labels)
+    # Every process gets the whole batch (it is split over all devices).
+    out, sample, info = sharding.gather_to_host(run(variables, x1, labels))
     # Both failures below come from the settings (a step budget, a scale),
     # so they are reported like input errors: one line naming what to change.
     try:
@@ -208,7 +209,6 @@ def sample_coupling(
     except RuntimeError as error:
         input_errors.mark(error)
         raise
-    out = np.asarray(out)
     bad = int(np.sum(~np.all(np.isfinite(out.reshape(len(out), -1)), axis=1)))
     if bad:
         fixes = ["more steps", "another sampler"]
@@ -223,7 +223,7 @@ def sample_coupling(
                 f"diverge; try {', '.join(fixes[:-1])} or {fixes[-1]}"
             )
         )
-    return out, jax.tree.map(np.asarray, sample), info
+    return out, sample, info
 
 
 def inpainting_metrics(samples: np.ndarray, x1: np.ndarray, mask: np.ndarray) -> dict:

@@ -111,6 +111,21 @@ def to_host(tree):
     return jax.tree.map(fetch, tree)
 
 
+def gather_to_host(tree):
+    """Whole values of a pytree of arrays as numpy arrays, on every process.
+
+    Arrays split over devices of several processes (a sharded batch of
+    samples) are gathered from all of them; replicated and local arrays are
+    read here. A collective when there is more than one process: every
+    process must call it at the same point.
+    """
+    if jax.process_count() == 1:
+        return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def any_process(flag: bool) -> bool:
     """True on every process if ``flag`` is True on at least one of them.
 

@@ -143,3 +143,51 @@ def test_sigterm_to_one_process_stops_both_at_the_same_checkpoint(root, tmp_path
     assert steps[-1] == reached and not unfinished
     with open(log) as f:
         assert json.loads(f.readlines()[-1])["step"] == reached
+
+
+def _sample_command(workdir, root, *args):
+    command = helpers.launcher_command(workdir, root, *args, **OVERRIDES)
+    command[command.index("launch.train")] = "launch.sample"
+    return command
+
+
+def test_two_processes_sample_the_whole_batch_like_one(two_processes, root):
+    """Each process gathers the samples split over both processes' devices."""
+    workdir, _ = two_processes
+    address = f"127.0.0.1:{helpers.free_port()}"
+    flags = [f"--coordinator_address={address}", "--num_processes=2", "--tag=two"]
+    processes = [
+        subprocess.Popen(
+            [
+                *_sample_command(workdir, root, "--num_samples=4"),
+                *flags,
+                f"--process_id={i}",
+            ],
+            env=helpers.env(root, devices=1),
+            cwd=helpers.REPO,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for process in processes:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-4000:]
+    one = subprocess.run(
+        _sample_command(workdir, root, "--num_samples=4", "--tag=one"),
+        env=helpers.env(root, devices=2),
+        cwd=helpers.REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-4000:]
+    folder = os.path.join(workdir, "samples")
+    two_files = [n for n in os.listdir(folder) if n.endswith("_two.npz")]
+    one_files = [n for n in os.listdir(folder) if n.endswith("_one.npz")]
+    assert len(two_files) == len(one_files) == 1
+    two = np.load(os.path.join(folder, two_files[0]))
+    one = np.load(os.path.join(folder, one_files[0]))
+    assert two["samples"].shape[0] == 4
+    np.testing.assert_array_equal(two["x0"], one["x0"])
+    np.testing.assert_allclose(two["samples"], one["samples"], rtol=1e-5, atol=1e-5)
