@@ -6,10 +6,12 @@ first imported, so the device count must be set before that.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import sys
+import warnings
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -32,15 +34,23 @@ flags.DEFINE_integer("num_processes", None, "number of processes (default 1)")
 flags.DEFINE_integer("process_id", None, "index of this process")
 flags.DEFINE_string(
     "compilation_cache",
-    os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-        "stochinterp",
-        "xla",
-    ),
+    None,
     "folder where compiled XLA programs are kept between runs: a resumed run "
     "or another sampling or evaluation of the same model and settings skips "
-    "compiling them; '' turns the cache off",
+    "compiling them; '' turns the cache off (default: $JAX_COMPILATION_CACHE_DIR "
+    "if set, else $XDG_CACHE_HOME/stochinterp/xla or ~/.cache/stochinterp/xla)",
 )
+
+
+def default_compilation_cache() -> str:
+    """jax's own variable if set, else the XDG cache folder (absolute only)."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):  # a relative value is to be ignored
+        base = os.path.expanduser("~/.cache")
+    return os.path.join(base, "stochinterp", "xla")
+
 
 FLAGS = flags.FLAGS
 _COUNT_FLAG = "xla_force_host_platform_device_count"
@@ -238,6 +248,7 @@ def use_compilation_cache(folder: str) -> bool:
     """
     if not folder:
         return False
+    folder = os.path.abspath(os.path.expanduser(folder))
     try:
         os.makedirs(folder, exist_ok=True)
         if not os.access(folder, os.W_OK | os.X_OK):
@@ -250,7 +261,35 @@ def use_compilation_cache(folder: str) -> bool:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", folder)
+    _remove_damaged_entries_of(folder)
     return True
+
+
+_DAMAGED_ENTRY = re.compile(
+    r"Error reading persistent compilation cache entry for '([^']+)'"
+)
+
+
+def _remove_damaged_entries_of(folder: str) -> None:
+    """Removes a cache entry that jax could not read (e.g. a run killed while
+    writing it), so that the program compiled instead is stored again.
+
+    jax warns and compiles, but never replaces an existing entry; its warning
+    names the program, whose entries are ``<name>-<hash>-cache`` files. All
+    entries of that program go (others are compiled again once).
+    """
+    show = warnings.showwarning
+
+    def showwarning(message, *args, **kwargs):
+        damaged = _DAMAGED_ENTRY.search(str(message))
+        if damaged:
+            for name in os.listdir(folder):
+                if name.startswith(damaged.group(1) + "-"):
+                    with contextlib.suppress(OSError):
+                        os.remove(os.path.join(folder, name))
+        show(message, *args, **kwargs)
+
+    warnings.showwarning = showwarning
 
 
 def start(argv: list[str], workdir_must_exist: bool = True) -> str:
@@ -272,7 +311,8 @@ def start(argv: list[str], workdir_must_exist: bool = True) -> str:
     for noisy in ("absl", "jax._src", "orbax", "etils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    use_compilation_cache(FLAGS.compilation_cache)
+    cache = FLAGS.compilation_cache
+    use_compilation_cache(default_compilation_cache() if cache is None else cache)
 
     from stochinterp import sharding
 

@@ -167,8 +167,10 @@ def distributed_settings(
         num_processes = _env_int("STOCHINTERP_NUM_PROCESSES", 1)
     if process_id is None:
         process_id = _env_int("STOCHINTERP_PROCESS_ID", 0)
-    if num_processes < 1:
-        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    if not 1 <= num_processes < 2**31:
+        raise ValueError(
+            f"num_processes must be an integer in [1, 2**31), got {num_processes}"
+        )
     if not 0 <= process_id < num_processes:
         raise ValueError(
             f"process_id={process_id} must lie in [0, {num_processes - 1}] "
@@ -179,7 +181,18 @@ def distributed_settings(
             f"num_processes={num_processes} needs a coordinator address "
             "(host:port), from the flag or STOCHINTERP_COORDINATOR"
         )
+    if num_processes > 1:
+        _check_address(coordinator_address)
     return coordinator_address, num_processes, process_id
+
+
+def _check_address(address: str) -> None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(
+            f"coordinator address {address!r} must be host:port with a port in "
+            "[1, 65535] (--coordinator_address or STOCHINTERP_COORDINATOR)"
+        )
 
 
 def initialize_distributed(

@@ -270,6 +270,35 @@ def test_compiled_programs_are_reused_by_the_next_run(tmp_path):
         (folder / name).write_bytes(b"damaged")
     (on, hits), stderr = _probe_cache(folder)
     assert (on, hits) == ("True", "0") and "compilation cache" in stderr
+    # The damaged entry was replaced by the program compiled instead.
+    assert _probe_cache(folder)[0] == ["True", "1"]
+
+
+def test_the_cache_folder_expands_home_and_follows_jax_variable(monkeypatch, tmp_path):
+    from launch import _common
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
+    assert _common.default_compilation_cache() == str(
+        tmp_path / ".cache" / "stochinterp" / "xla"
+    )
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _common.default_compilation_cache() == str(
+        tmp_path / "xdg" / "stochinterp" / "xla"
+    )
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+    assert _common.default_compilation_cache() == str(tmp_path / "jax")
+    probe = subprocess.run(
+        [sys.executable, "-c", _CACHE_PROBE, "~/tilde"],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert probe.stdout.split() == ["True", "0"], probe.stderr
+    assert (tmp_path / "tilde").is_dir() and not (tmp_path / "~").exists()
 
 
 def test_an_unwritable_cache_folder_turns_the_cache_off(tmp_path):
@@ -301,6 +330,13 @@ def test_an_unwritable_cache_folder_turns_the_cache_off(tmp_path):
             {},
             "error: num_processes=2 needs a coordinator address (host:port), from "
             "the flag or STOCHINTERP_COORDINATOR",
+        ),
+        (
+            "train",
+            ("--num_processes=2", "--coordinator_address=127.0.0.1:notaport"),
+            {},
+            "error: coordinator address '127.0.0.1:notaport' must be host:port with "
+            "a port in [1, 65535] (--coordinator_address or STOCHINTERP_COORDINATOR)",
         ),
         (
             "train",

@@ -301,7 +301,12 @@ def test_distributed_start_needs_a_coordinator_and_a_valid_id(monkeypatch):
     monkeypatch.setenv("STOCHINTERP_NUM_PROCESSES", "1")
     assert sharding.initialize_distributed() is False
     for args, message in [
-        ((None, 0, None), "num_processes must be >= 1, got 0"),
+        ((None, 0, None), r"num_processes must be an integer in \[1, 2\*\*31\), got 0"),
+        (("127.0.0.1:1", 2**70, 0), "num_processes must be an integer in"),
+        (("127.0.0.1:99999", 2, 0), "coordinator address '127.0.0.1:99999' must be"),
+        (("127.0.0.1:", 2, 0), "coordinator address '127.0.0.1:' must be host:port"),
+        (("garbage", 2, 0), "coordinator address 'garbage' must be host:port"),
+        ((":80", 2, 0), "coordinator address ':80' must be host:port"),
         ((None, 1, 3), r"process_id=3 must lie in \[0, 0\] for num_processes=1"),
         ((None, 2, -1), r"process_id=-1 must lie in \[0, 1\]"),
     ]:
