@@ -56,7 +56,14 @@ FLAGS = flags.FLAGS
 _COUNT_FLAG = "xla_force_host_platform_device_count"
 
 
-_BAD_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
+_BAD_FLAG_ERRORS = (
+    flags.Error,
+    AttributeError,
+    IndexError,
+    KeyError,
+    TypeError,
+    ValueError,
+)
 
 
 def _exit_with(error: Exception) -> None:
@@ -185,7 +192,8 @@ def one_line_input_errors(main):
         except Exception as e:
             from stochinterp.input_errors import is_input_error  # no jax import
 
-            if is_input_error(e) and not os.environ.get("STOCHINTERP_TRACEBACK"):
+            wanted = os.environ.get("STOCHINTERP_TRACEBACK", "")
+            if is_input_error(e) and wanted.lower() in ("", "0", "false", "no"):
                 _exit_with(e)
             raise
 
@@ -226,8 +234,8 @@ def output_name(
     parts = [config.sampler.method, f"step{step}"]
     if not config.eval.use_ema:
         parts.append("raw")
-    if config.sampler.guidance_scale != 1:
-        parts.append(f"w{config.sampler.guidance_scale:g}")
+    if config.sampler.guidance_scale != 1:  # written in full: 1.0000001 != 1
+        parts.append(f"w{float(config.sampler.guidance_scale)!r}")
     if count is not None:
         parts.append(f"n{count}")
     if seed is not None:

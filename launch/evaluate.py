@@ -7,7 +7,8 @@ Uses the same config file as training (sampler and eval fields may be
 overridden). Writes ``DIR/eval_<name>.json`` (metrics, with the sampler and
 eval settings) and ``DIR/samples/inpaint_<name>.png``, where ``<name>`` is
 ``<method>_step<N>``, then ``_raw`` for the raw weights, ``_w<scale>`` for a
-guidance scale other than 1 and ``_<tag>`` for ``--tag``. EMA weights unless
+guidance scale other than 1, ``_n<eval.num_images>``, ``_seed<eval.seed>``
+and ``_<tag>`` for ``--tag``. EMA weights unless
 ``--config.eval.use_ema=False``.
 """
 
@@ -44,7 +45,9 @@ def main(argv):
     model, variables, step = pipeline.load_variables(
         config, workdir, mesh, config.eval.use_ema
     )
-    name = _common.output_name(config, step, FLAGS.tag)
+    name = _common.output_name(
+        config, step, FLAGS.tag, seed=config.eval.seed, count=config.eval.num_images
+    )
     metrics = pipeline.evaluate_inpainting(
         config, model, variables, workdir, mesh, picture=f"inpaint_{name}.png"
     )

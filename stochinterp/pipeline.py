@@ -7,7 +7,6 @@ workdir.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -63,6 +62,7 @@ def validate_sampling(
       num_images: images to sample (default ``config.eval.num_images``).
       seed: seed of the sampling (default ``config.eval.seed``).
     """
+    train.check_seed("seed", config.seed)  # builds the restored state's shape
     if seed is None:
         train.check_seed("eval.seed", config.eval.seed)
     else:
@@ -178,15 +178,14 @@ def _guidance(config) -> tuple[float, int] | None:
 def sampling_record(config, info: samplers.SamplerInfo) -> dict:
     """What a sampling run used and did, for its output files.
 
-    The sampler settings as the sampler read them (``num_steps`` is absent
-    for Dopri5, which does not use it), the guidance scale, and the counts of
+    The settings the chosen sampler reads (``SamplerSettings.fields_read``:
+    no ``num_steps`` for Dopri5, no tolerances for the fixed-step methods),
+    the guidance scale, and the counts of
     the :class:`~stochinterp.samplers.SamplerInfo`: field calls (velocity and
     score together), score calls, and accepted and rejected steps.
     """
     settings = samplers.SamplerSettings.from_config(config.sampler)
-    used = dataclasses.asdict(settings)
-    if settings.method == "dopri5":
-        del used["num_steps"]
+    used = settings.fields_read()
     return {
         "sampler": settings.method,
         "sampler_settings": {**used, "guidance_scale": config.sampler.guidance_scale},

@@ -74,6 +74,23 @@ from stochinterp.interpolants import check_time_range
 Field = Callable[[jax.Array, jax.Array, object], jax.Array]
 
 METHODS = ("euler", "heun", "dopri5", "euler_maruyama")
+_FIXED = ("num_steps", "t_min", "t_max")
+_FIELDS_READ = {
+    "euler": _FIXED,
+    "heun": _FIXED,
+    "euler_maruyama": (*_FIXED, "eps_schedule", "eps_scale"),
+    "dopri5": (
+        "t_min",
+        "t_max",
+        "rtol",
+        "atol",
+        "max_steps",
+        "first_step",
+        "safety",
+        "min_factor",
+        "max_factor",
+    ),
+}
 FIXED_STEP_METHODS = ("euler", "heun", "euler_maruyama")
 EPS_SCHEDULES = ("constant", "decay", "bump")
 # The fixed-step time grid is a constant of the compiled program.
@@ -189,6 +206,11 @@ class SamplerSettings:
     def needs_score(self) -> bool:
         """Whether ``integrate`` must be given a score field."""
         return self.method == "euler_maruyama" and self.eps_scale > 0
+
+    def fields_read(self) -> dict:
+        """The settings this method reads, by name (``method`` first)."""
+        names = _FIELDS_READ[self.method]
+        return {"method": self.method, **{n: getattr(self, n) for n in names}}
 
     @classmethod
     def from_config(cls, config) -> SamplerSettings:
@@ -390,7 +412,7 @@ def check_info(info: SamplerInfo) -> SamplerInfo:
             f"sampler stopped at t={float(np.min(info.t_final))} before t_max "
             f"after {int(np.max(info.accepted_steps))} accepted and "
             f"{int(np.max(info.rejected_steps))} rejected steps "
-            f"({int(np.max(info.nfe))} model calls); raise max_steps or loosen "
+            f"({int(np.max(info.nfe))} field calls); raise max_steps or loosen "
             "rtol/atol"
         )
     return info

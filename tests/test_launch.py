@@ -107,6 +107,14 @@ def test_a_misspelt_field_ends_with_one_line_not_a_traceback(tmp_path):
     assert result.stderr.strip() == (
         "error: --config.zzz.q=1: the config has no field 'zzz.q' (no 'zzz' there)"
     )
+    result = run_train(
+        "--workdir",
+        str(tmp_path / "wd"),
+        "--config.model.dim_mults[0]=1",
+        tmp_path=tmp_path,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: ")
 
 
 def test_sampling_settings_are_checked_before_training(tmp_path):
@@ -135,6 +143,9 @@ def test_a_checked_value_ends_with_one_line_unless_asked_for_the_traceback(
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "wd").exists()
 
+    monkeypatch.setenv("STOCHINTERP_TRACEBACK", "0")
+    result = run_train(*args, tmp_path=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
     monkeypatch.setenv("STOCHINTERP_TRACEBACK", "1")
     result = run_train(*args, tmp_path=tmp_path)
     assert result.returncode == 1 and "Traceback" in result.stderr

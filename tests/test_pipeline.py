@@ -240,14 +240,20 @@ def test_sampling_outputs_of_other_settings_are_kept_apart(main_job):
         "--config.eval.use_ema=False",
     )
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-    with open(os.path.join(workdir, "eval_heun_step4_raw.json")) as f:
+    with open(os.path.join(workdir, "eval_heun_step4_raw_n8_seed1234.json")) as f:
         metrics = json.load(f)
     assert metrics["step"] == 4 and metrics["use_ema"] is False
     assert metrics["nfe"] == 5  # Heun with 3 steps: 2 x 3 - 1 calls
-    assert metrics["sampler_settings"]["num_steps"] == 3
+    assert metrics["sampler_settings"] == {
+        "method": "heun",
+        "num_steps": 3,
+        "t_min": 0.0,
+        "t_max": 1.0,
+        "guidance_scale": 1.0,
+    }
     assert (metrics["accepted_steps"], metrics["rejected_steps"]) == (3, 0)
     assert os.path.exists(
-        os.path.join(workdir, "samples", "inpaint_heun_step4_raw.png")
+        os.path.join(workdir, "samples", "inpaint_heun_step4_raw_n8_seed1234.png")
     )
     # The training run's own picture is not replaced.
     assert os.path.exists(os.path.join(workdir, "samples", "inpaint.png"))
@@ -288,6 +294,8 @@ def test_output_names_tell_the_settings_apart():
         _common.output_name(config, 7, "v2", seed=0, count=16)
         == "heun_step7_raw_w2.5_n16_seed0_v2"
     )
+    config.sampler.guidance_scale = 1.0000001  # not rounded to "w1"
+    assert _common.output_name(config, 7, "") == "heun_step7_raw_w1.0000001"
 
 
 @pytest.mark.slow
