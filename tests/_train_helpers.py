@@ -94,6 +94,18 @@ def launcher_command(workdir: str, root: str, *args: str, **overrides) -> list[s
     ]
 
 
+def run_child(command: list[str], root: str, devices: int, timeout: float = 600):
+    """Runs ``command`` in the repository with ``env(root, devices)``."""
+    return subprocess.run(
+        command,
+        env=env(root, devices=devices),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:

@@ -247,13 +247,10 @@ def test_evaluating_a_damaged_checkpoint_ends_with_one_line_naming_it(
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 2)
     flags = helpers.worker.launcher_flags(os.path.join(root, "data"))
-    done = subprocess.run(
+    done = helpers.run_child(
         [sys.executable, "-m", "launch.evaluate", "--workdir", workdir, *flags],
-        env=helpers.env(root, devices=2),
-        cwd=helpers.REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        root,
+        devices=2,
     )
 
     assert done.returncode == 1, done.stderr[-4000:]

@@ -173,13 +173,10 @@ def test_two_processes_sample_the_whole_batch_like_one(two_processes, root):
     for process in processes:
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr[-4000:]
-    one = subprocess.run(
+    one = helpers.run_child(
         _sample_command(workdir, root, "--num_samples=4", "--tag=one"),
-        env=helpers.env(root, devices=2),
-        cwd=helpers.REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        root,
+        devices=2,
     )
     assert one.returncode == 0, one.stderr[-4000:]
     folder = os.path.join(workdir, "samples")
