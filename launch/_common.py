@@ -235,7 +235,7 @@ def output_name(
     if not config.eval.use_ema:
         parts.append("raw")
     if config.sampler.guidance_scale != 1:  # written in full: 1.0000001 != 1
-        parts.append(f"w{float(config.sampler.guidance_scale)!r}")
+        parts.append(f"w{float(config.sampler.guidance_scale) + 0.0!r}")  # -0.0: 0.0
     if count is not None:
         parts.append(f"n{count}")
     if seed is not None:

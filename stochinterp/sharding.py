@@ -8,6 +8,7 @@ and optimizer state are replicated.
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -186,9 +187,13 @@ def distributed_settings(
     return coordinator_address, num_processes, process_id
 
 
+# host:port; the host a name, an IPv4 address or a bracketed IPv6 address.
+_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
+
+
 def _check_address(address: str) -> None:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    match = _ADDRESS.fullmatch(address)
+    if match is None or not 1 <= int(match.group(2)) <= 65535:
         raise ValueError(
             f"coordinator address {address!r} must be host:port with a port in "
             "[1, 65535] (--coordinator_address or STOCHINTERP_COORDINATOR)"

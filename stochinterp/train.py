@@ -88,9 +88,10 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 
 
 def check_seed(name: str, seed) -> None:
-    """Raises unless ``seed`` is an integer a random key takes: [0, 2**63)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"{name} must be an integer in [0, 2**63), got {seed!r}")
+    """Raises unless ``seed`` lies in [0, 2**32): a random key keeps 32 bits
+    of it (without 64-bit mode), so larger seeds would repeat smaller ones."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"{name} must be an integer in [0, 2**32), got {seed!r}")
 
 
 def validate_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:

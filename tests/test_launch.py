@@ -327,13 +327,13 @@ def test_an_unwritable_cache_folder_turns_the_cache_off(tmp_path):
             "train",
             ("--config.seed=99999999999999999999",),
             {},
-            "error: seed must be an integer in [0, 2**63), got 99999999999999999999",
+            "error: seed must be an integer in [0, 2**32), got 99999999999999999999",
         ),
         (
             "sample",
             ("--seed=-3",),
             {},
-            "error: --seed must be an integer in [0, 2**63), got -3",
+            "error: --seed must be an integer in [0, 2**32), got -3",
         ),
         (
             "train",

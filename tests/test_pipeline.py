@@ -296,6 +296,8 @@ def test_output_names_tell_the_settings_apart():
     )
     config.sampler.guidance_scale = 1.0000001  # not rounded to "w1"
     assert _common.output_name(config, 7, "") == "heun_step7_raw_w1.0000001"
+    config.sampler.guidance_scale = -0.0  # the same setting as 0
+    assert _common.output_name(config, 7, "") == "heun_step7_raw_w0.0"
 
 
 @pytest.mark.slow

@@ -300,12 +300,18 @@ def test_distributed_start_needs_a_coordinator_and_a_valid_id(monkeypatch):
         sharding.initialize_distributed("127.0.0.1:1", 2, 2)
     monkeypatch.setenv("STOCHINTERP_NUM_PROCESSES", "1")
     assert sharding.initialize_distributed() is False
+    for address in ("localhost:80", "10.0.0.1:65535", "[::1]:1234", "my-host.x:1"):
+        assert sharding.distributed_settings(address, 2, 1) == (address, 2, 1)
     for args, message in [
         ((None, 0, None), r"num_processes must be an integer in \[1, 2\*\*31\), got 0"),
         (("127.0.0.1:1", 2**70, 0), "num_processes must be an integer in"),
         (("127.0.0.1:99999", 2, 0), "coordinator address '127.0.0.1:99999' must be"),
         (("127.0.0.1:", 2, 0), "coordinator address '127.0.0.1:' must be host:port"),
         (("garbage", 2, 0), "coordinator address 'garbage' must be host:port"),
+        ((" 127.0.0.1:80", 2, 0), "coordinator address ' 127.0.0.1:80' must be"),
+        (("::1:80", 2, 0), "coordinator address '::1:80' must be host:port"),
+        (("http://h:80", 2, 0), "coordinator address 'http://h:80' must be"),
+        (("127.0.0.1:\u0663\u0663", 2, 0), "coordinator address '127.0.0.1:"),
         ((":80", 2, 0), "coordinator address ':80' must be host:port"),
         ((None, 1, 3), r"process_id=3 must lie in \[0, 0\] for num_processes=1"),
         ((None, 2, -1), r"process_id=-1 must lie in \[0, 1\]"),
@@ -464,3 +470,17 @@ def test_the_time_budget_stops_after_it_is_spent():
     time.sleep(0.1)
     assert rule.should_stop(False)
     assert rule.out_of_time and not rule.preempted
+
+
+def test_seeds_are_the_32_bits_a_random_key_keeps():
+    train.check_seed("seed", 2**32 - 1)
+    for bad in (2**32, -1, 1.0, True):
+        with pytest.raises(
+            ValueError, match=r"seed must be an integer in \[0, 2\*\*32\)"
+        ):
+            train.check_seed("seed", bad)
+    # Why: without 64-bit mode a key keeps the low 32 bits of its seed.
+    assert np.array_equal(
+        jax.random.key_data(jax.random.key(2**32)),
+        jax.random.key_data(jax.random.key(0)),
+    )
