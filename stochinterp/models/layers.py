@@ -85,6 +85,24 @@ class Conv(nn.Module):
         )(x)
 
 
+def _pointwise_params(module: nn.Module, fan_in: int):
+    """Declares a 1x1 convolution's parameters in ``module``'s compact method.
+
+    ``kernel`` [1, 1, in, module.features] and, with ``module.use_bias``,
+    ``bias`` [features], initialised as ``nn.Conv`` with a 1x1 kernel would
+    be. Returns (kernel [in, features], bias or None) in ``module.dtype``.
+    """
+    shape = (1, 1, fan_in, module.features)
+    kernel = module.param("kernel", torch_kernel_init, shape, module.param_dtype)
+    bias = None
+    if module.use_bias:
+        bias = module.param(
+            "bias", torch_bias_init(fan_in), (module.features,), module.param_dtype
+        )
+        bias = bias.astype(module.dtype)
+    return kernel[0, 0].astype(module.dtype), bias
+
+
 class _Pointwise(nn.Module):
     """A 1x1 convolution computed as one matrix product over all positions.
 
@@ -104,23 +122,15 @@ class _Pointwise(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., in] -> [..., features]."""
         fan_in = x.shape[-1]
-        kernel = self.param(
-            "kernel",
-            torch_kernel_init,
-            (1, 1, fan_in, self.features),
-            self.param_dtype,
-        )
-        y = x.reshape(-1, fan_in).astype(self.dtype) @ kernel[0, 0].astype(self.dtype)
-        if self.use_bias:
-            bias = self.param(
-                "bias", torch_bias_init(fan_in), (self.features,), self.param_dtype
-            )
-            y = y + bias.astype(self.dtype)
+        kernel, bias = _pointwise_params(self, fan_in)
+        y = x.reshape(-1, fan_in).astype(self.dtype) @ kernel
+        if bias is not None:
+            y = y + bias
         return y.reshape(*x.shape[:-1], self.features)
 
 
 class _PointwiseWeights(nn.Module):
-    """The parameters of ``_Pointwise`` alone: kernel [in, out] and bias."""
+    """The parameters of ``_Pointwise`` alone: (kernel [in, out], bias or None)."""
 
     features: int
     fan_in: int
@@ -130,19 +140,13 @@ class _PointwiseWeights(nn.Module):
 
     @nn.compact
     def __call__(self):
-        shape = (1, 1, self.fan_in, self.features)
-        kernel = self.param("kernel", torch_kernel_init, shape, self.param_dtype)
-        if not self.use_bias:
-            return kernel[0, 0].astype(self.dtype)
-        bias = self.param(
-            "bias", torch_bias_init(self.fan_in), (self.features,), self.param_dtype
-        )
-        return kernel[0, 0].astype(self.dtype), bias.astype(self.dtype)
+        return _pointwise_params(self, self.fan_in)
 
 
 class _PointwiseKernel(nn.Module):
     """The weights of ``Conv(features, 1)`` (same names and initial values)
-    without applying them: ``kernel`` [in, features], and ``bias`` when asked.
+    without applying them: (``kernel`` [in, features], ``bias`` when asked or
+    None).
     """
 
     features: int
@@ -393,7 +397,7 @@ class LinearAttention(nn.Module):
         heads, d = self.heads, self.dim_head
         hidden = heads * d
         y = RMSNorm(name="norm", **kw)(x).reshape(b, h * w, c)
-        w_qkv = _PointwiseKernel(3 * hidden, c, name="to_qkv", **kw)()
+        w_qkv, _ = _PointwiseKernel(3 * hidden, c, name="to_qkv", **kw)()
         w_q, w_k, w_v = (w_qkv[:, i * hidden : (i + 1) * hidden] for i in range(3))
         q = (y @ w_q).reshape(b, h * w, heads, d)
         k = (y @ w_k).reshape(b, h * w, heads, d)
