@@ -221,42 +221,90 @@ def test_bad_configs_raise(kwargs, message):
         UNet(**{**TINY, **kwargs})
 
 
-class _FlaxConv1x1(nn.Module):
-    """flax's own 1x1 convolution with the init of ``layers.Conv``."""
+class _FlaxConv(nn.Module):
+    """flax's own convolution with the init of ``layers.Conv``."""
 
     features: int
-    use_bias: bool
+    kernel: int = 1
+    stride: int = 1
+    padding: int = 0
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x):
+        pad = (self.padding, self.padding)
         return nn.Conv(
             self.features,
-            (1, 1),
+            (self.kernel, self.kernel),
+            strides=self.stride,
+            padding=(pad, pad),
             use_bias=self.use_bias,
             kernel_init=layers.torch_kernel_init,
-            bias_init=layers.torch_bias_init(x.shape[-1]),
+            bias_init=layers.torch_bias_init(x.shape[-1] * self.kernel**2),
             name="conv",
         )(x)
 
 
-@pytest.mark.parametrize("use_bias", [True, False])
-def test_pointwise_conv_equals_flax_1x1_convolution(use_bias):
-    """1x1 convs run as one matrix product: same parameters, same output."""
-    x = jax.random.normal(jax.random.key(0), (3, 5, 7, 6))
-    ours = layers.Conv(10, 1, use_bias=use_bias)
-    reference = _FlaxConv1x1(10, use_bias)
+@pytest.mark.parametrize(
+    "kernel, stride, padding, use_bias",
+    [
+        (1, 1, 0, True),
+        (1, 1, 0, False),
+        (3, 1, 1, True),
+        (4, 2, 1, True),
+        (7, 1, 3, False),
+    ],
+)
+def test_conv_equals_flax_convolution(kernel, stride, padding, use_bias):
+    """Same parameters (names, shapes, initial values) and output as nn.Conv;
+    1x1 convs run as one matrix product."""
+    x = jax.random.normal(jax.random.key(0), (3, 6, 8, 5))
+    ours = layers.Conv(10, kernel, stride, padding, use_bias=use_bias)
+    reference = _FlaxConv(10, kernel, stride, padding, use_bias)
     params = ours.init(jax.random.key(1), x)["params"]
     ref_params = reference.init(jax.random.key(1), x)["params"]
 
     assert sorted(params["conv"]) == (["bias", "kernel"] if use_bias else ["kernel"])
-    assert params["conv"]["kernel"].shape == (1, 1, 6, 10)
+    assert params["conv"]["kernel"].shape == (kernel, kernel, 5, 10)
     jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+    got = np.asarray(ours.apply({"params": params}, x))
+    assert got.shape == (3, 6 // stride, 8 // stride, 10)
     np.testing.assert_allclose(
-        np.asarray(ours.apply({"params": params}, x)),
-        np.asarray(reference.apply({"params": params}, x)),
-        rtol=1e-5,
-        atol=1e-5,
+        got, np.asarray(reference.apply({"params": params}, x)), rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("with_scale_shift", [True, False])
+def test_conv_block_equals_conv_group_norm_silu(with_scale_shift):
+    """The folded block equals conv + bias -> GroupNorm -> (scale + 1, shift) ->
+    SiLU written out in float64, with a bias large against the conv output."""
+    groups, features = 4, 8
+    x = jax.random.normal(jax.random.key(0), (2, 6, 5, 3))
+    block = layers.ConvBlock(features, groups)
+    params = block.init(jax.random.key(1), x)["params"]
+    assert sorted(params) == ["norm", "proj"]
+    params = jax.tree.map(
+        lambda a: a + 0.3 * jax.random.normal(jax.random.key(2), a.shape), params
+    )
+    params["proj"]["conv"]["bias"] = params["proj"]["conv"]["bias"] + 5.0
+    scale_shift = None
+    if with_scale_shift:
+        keys = jax.random.split(jax.random.key(3), 2)
+        scale_shift = tuple(jax.random.normal(k, (2, 1, 1, features)) for k in keys)
+
+    conv = _FlaxConv(features, 3, 1, 1).apply({"params": params["proj"]}, x)
+    z = np.asarray(conv, np.float64).reshape(2, 30, groups, features // groups)
+    mean = z.mean(axis=(1, 3), keepdims=True)
+    var = ((z - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+    norm = ((z - mean) / np.sqrt(var + 1e-5)).reshape(2, 6, 5, features)
+    y = norm * np.asarray(params["norm"]["scale"]) + np.asarray(params["norm"]["bias"])
+    if with_scale_shift:
+        scale, shift = (np.asarray(v, np.float64) for v in scale_shift)
+        y = y * (scale + 1) + shift
+    expected = y / (1 + np.exp(-y))
+
+    got = block.apply({"params": params}, x, scale_shift)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
 
 
 def _rms_norm(x, g):

@@ -40,6 +40,10 @@ def torch_bias_init(fan_in: int) -> Initializer:
 class Conv(nn.Module):
     """2D convolution on NHWC input, padded symmetrically, PyTorch-style init.
 
+    Parameters ``conv/kernel`` [kernel, kernel, in, features] and
+    ``conv/bias`` [features], named and initialised as ``nn.Conv`` would
+    make them.
+
     Attributes:
       features: output channels.
       kernel: kernel side (square).
@@ -59,30 +63,56 @@ class Conv(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [batch, height, width, in] -> [batch, height', width', features]."""
-        fan_in = x.shape[-1] * self.kernel * self.kernel
+    def __call__(self, x: jax.Array, add_bias: bool = True):
+        """x: [batch, height, width, in] -> [batch, height', width', features].
+
+        With ``add_bias=False`` returns ``(output without the bias, bias)``
+        instead, for a consumer that folds the bias into later work.
+        """
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if self.kernel == 1 and self.stride == 1 and self.padding == 0:
-            return _Pointwise(
-                self.features,
-                use_bias=self.use_bias,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name="conv",
-            )(x)
-        pad = (self.padding, self.padding)
-        return nn.Conv(
-            self.features,
-            (self.kernel, self.kernel),
-            strides=(self.stride, self.stride),
-            padding=(pad, pad),
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=torch_kernel_init,
-            bias_init=torch_bias_init(fan_in),
-            name="conv",
-        )(x)
+            if add_bias:
+                return _Pointwise(self.features, self.use_bias, name="conv", **kw)(x)
+            raise ValueError("add_bias=False is only for kernels larger than 1x1")
+        z, bias = _ConvWeights(
+            self.features, self.kernel, self.use_bias, name="conv", **kw
+        )(x.shape[-1])
+        z = jax.lax.conv_general_dilated(
+            x.astype(self.dtype),
+            z,
+            window_strides=(self.stride, self.stride),
+            padding=[(self.padding, self.padding)] * 2,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        if not add_bias:
+            return z, bias
+        return z if bias is None else z + bias
+
+
+class _ConvWeights(nn.Module):
+    """A square convolution's ``kernel`` and ``bias`` (or None), in ``dtype``.
+
+    Declared in the order, shapes and initial values of ``nn.Conv``.
+    """
+
+    features: int
+    kernel: int
+    use_bias: bool
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, fan_in_channels: int):
+        shape = (self.kernel, self.kernel, fan_in_channels, self.features)
+        kernel = self.param("kernel", torch_kernel_init, shape, self.param_dtype)
+        bias = None
+        if self.use_bias:
+            fan_in = fan_in_channels * self.kernel * self.kernel
+            bias = self.param(
+                "bias", torch_bias_init(fan_in), (self.features,), self.param_dtype
+            )
+            bias = bias.astype(self.dtype)
+        return kernel.astype(self.dtype), bias
 
 
 def _pointwise_params(module: nn.Module, fan_in: int):
@@ -216,35 +246,19 @@ class RMSNorm(nn.Module):
         return (x32 * inv * g).astype(self.dtype)
 
 
-class GroupNorm(nn.Module):
-    """Group norm over (height, width, channels in group), eps 1e-5, affine.
+class _GroupNormAffine(nn.Module):
+    """The affine parameters of a group norm: ``scale`` (init 1), ``bias`` (init 0)."""
 
-    Statistics are computed per example in float32 (one pass: mean and mean of
-    squares), so examples never see each other.
-
-    Attributes:
-      groups: number of channel groups; must divide the channels.
-      dtype: output dtype.
-      param_dtype: dtype of the scale and bias.
-    """
-
-    groups: int
-    epsilon: float = 1e-5
+    channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [batch, height, width, channels] -> same shape, in ``dtype``."""
-        b, h, w, c = x.shape
-        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-        xg = x.astype(jnp.float32).reshape(b, h * w, self.groups, c // self.groups)
-        mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
-        mean_sq = jnp.mean(jnp.square(xg), axis=(1, 3), keepdims=True)
-        var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
-        xg = (xg - mean) * jax.lax.rsqrt(var + self.epsilon)
-        return (xg.reshape(b, h, w, c) * scale + bias).astype(self.dtype)
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        shape = (self.channels,)
+        scale = self.param("scale", nn.initializers.ones, shape, self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype)
+        return scale.astype(jnp.float32), bias.astype(jnp.float32)
 
 
 class LearnedSinusoidalFeatures(nn.Module):
@@ -290,10 +304,19 @@ def sinusoidal_features(t: jax.Array, dim: int) -> jax.Array:
 
 
 class ConvBlock(nn.Module):
-    """3x3 conv -> GroupNorm -> optional ``x * (scale + 1) + shift`` -> SiLU."""
+    """3x3 conv -> GroupNorm -> optional ``x * (scale + 1) + shift`` -> SiLU.
+
+    Computed as ``silu(z * a + b)`` from the bias-free convolution ``z``: the
+    conv bias, the norm's statistics and affine and the scale and shift are
+    folded into one factor and one offset per example and channel. The
+    statistics of ``z + bias`` come from per-channel sums of ``z`` and
+    ``z**2``, so ``z + bias`` is never formed. Same parameters and function as
+    the sequence of layers; one pass over the activations fewer.
+    """
 
     features: int
     groups: int
+    epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -303,12 +326,29 @@ class ConvBlock(nn.Module):
     ) -> jax.Array:
         """x: [b, h, w, c]; scale, shift: [b, 1, 1, features] -> [b, h, w, features]."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = Conv(self.features, 3, padding=1, name="proj", **kw)(x)
-        x = GroupNorm(self.groups, name="norm", **kw)(x)
+        z, bias = Conv(self.features, 3, padding=1, name="proj", **kw)(
+            x, add_bias=False
+        )
+        b, h, w, c = z.shape
+        g = self.groups
+        norm_scale, norm_bias = _GroupNormAffine(c, name="norm", **kw)()
+        z32 = z.astype(jnp.float32).reshape(b, h * w, g, c // g)
+        beta = bias.astype(jnp.float32).reshape(g, c // g)
+        # Per-channel moments of z, then the group moments of z + bias.
+        m = jnp.mean(z32, axis=1)
+        s = jnp.mean(jnp.square(z32), axis=1)
+        mean = jnp.mean(m + beta, axis=-1, keepdims=True)
+        mean_sq = jnp.mean(s + beta * (2.0 * m + beta), axis=-1, keepdims=True)
+        var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+        r = jax.lax.rsqrt(var + self.epsilon)
+        a = (r * norm_scale.reshape(g, c // g)).reshape(b, c)
+        offset = (beta - mean).reshape(b, c) * a + norm_bias
         if scale_shift is not None:
-            scale, shift = scale_shift
-            x = x * (scale + 1) + shift
-        return nn.silu(x)
+            scale, shift = (v.astype(jnp.float32).reshape(b, c) for v in scale_shift)
+            a = a * (scale + 1)
+            offset = offset * (scale + 1) + shift
+        y = z32.reshape(b, h, w, c) * a[:, None, None, :] + offset[:, None, None, :]
+        return nn.silu(y.astype(self.dtype))
 
 
 class ResnetBlock(nn.Module):
