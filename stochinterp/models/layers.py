@@ -89,11 +89,27 @@ class Conv(nn.Module):
         return z if bias is None else z + bias
 
 
-class _ConvWeights(nn.Module):
-    """A square convolution's ``kernel`` and ``bias`` (or None), in ``dtype``.
+def _conv_params(module: nn.Module, in_channels: int, size: int):
+    """Declares a square convolution's parameters in ``module``'s compact method.
 
-    Declared in the order, shapes and initial values of ``nn.Conv``.
+    ``kernel`` [size, size, in, module.features] and, with ``module.use_bias``,
+    ``bias`` [features]: the order, shapes and initial values of ``nn.Conv``.
+    Returns (kernel, bias or None) in ``module.dtype``.
     """
+    shape = (size, size, in_channels, module.features)
+    kernel = module.param("kernel", torch_kernel_init, shape, module.param_dtype)
+    bias = None
+    if module.use_bias:
+        fan_in = in_channels * size * size
+        bias = module.param(
+            "bias", torch_bias_init(fan_in), (module.features,), module.param_dtype
+        )
+        bias = bias.astype(module.dtype)
+    return kernel.astype(module.dtype), bias
+
+
+class _ConvWeights(nn.Module):
+    """A square convolution's ``kernel`` and ``bias`` (or None), not applied."""
 
     features: int
     kernel: int
@@ -102,35 +118,8 @@ class _ConvWeights(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, fan_in_channels: int):
-        shape = (self.kernel, self.kernel, fan_in_channels, self.features)
-        kernel = self.param("kernel", torch_kernel_init, shape, self.param_dtype)
-        bias = None
-        if self.use_bias:
-            fan_in = fan_in_channels * self.kernel * self.kernel
-            bias = self.param(
-                "bias", torch_bias_init(fan_in), (self.features,), self.param_dtype
-            )
-            bias = bias.astype(self.dtype)
-        return kernel.astype(self.dtype), bias
-
-
-def _pointwise_params(module: nn.Module, fan_in: int):
-    """Declares a 1x1 convolution's parameters in ``module``'s compact method.
-
-    ``kernel`` [1, 1, in, module.features] and, with ``module.use_bias``,
-    ``bias`` [features], initialised as ``nn.Conv`` with a 1x1 kernel would
-    be. Returns (kernel [in, features], bias or None) in ``module.dtype``.
-    """
-    shape = (1, 1, fan_in, module.features)
-    kernel = module.param("kernel", torch_kernel_init, shape, module.param_dtype)
-    bias = None
-    if module.use_bias:
-        bias = module.param(
-            "bias", torch_bias_init(fan_in), (module.features,), module.param_dtype
-        )
-        bias = bias.astype(module.dtype)
-    return kernel[0, 0].astype(module.dtype), bias
+    def __call__(self, in_channels: int):
+        return _conv_params(self, in_channels, self.kernel)
 
 
 class _Pointwise(nn.Module):
@@ -152,25 +141,11 @@ class _Pointwise(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., in] -> [..., features]."""
         fan_in = x.shape[-1]
-        kernel, bias = _pointwise_params(self, fan_in)
-        y = x.reshape(-1, fan_in).astype(self.dtype) @ kernel
+        kernel, bias = _conv_params(self, fan_in, 1)
+        y = x.reshape(-1, fan_in).astype(self.dtype) @ kernel[0, 0]
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], self.features)
-
-
-class _PointwiseWeights(nn.Module):
-    """The parameters of ``_Pointwise`` alone: (kernel [in, out], bias or None)."""
-
-    features: int
-    fan_in: int
-    use_bias: bool
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self):
-        return _pointwise_params(self, self.fan_in)
 
 
 class _PointwiseKernel(nn.Module):
@@ -186,14 +161,15 @@ class _PointwiseKernel(nn.Module):
 
     @nn.compact
     def __call__(self, bias: bool = False):
-        return _PointwiseWeights(
+        kernel, bias = _ConvWeights(
             self.features,
-            self.fan_in,
+            1,
             bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="conv",
-        )()
+        )(self.fan_in)
+        return kernel[0, 0], bias
 
 
 class Dense(nn.Module):
