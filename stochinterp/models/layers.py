@@ -73,13 +73,17 @@ class Conv(nn.Module):
         if self.kernel == 1 and self.stride == 1 and self.padding == 0:
             if add_bias:
                 return _Pointwise(self.features, self.use_bias, name="conv", **kw)(x)
-            raise ValueError("add_bias=False is only for kernels larger than 1x1")
-        z, bias = _ConvWeights(
+            raise ValueError(
+                "add_bias=False needs a kernel larger than 1x1 (or a stride or "
+                f"padding); got kernel={self.kernel}, stride={self.stride}, "
+                f"padding={self.padding}"
+            )
+        kernel, bias = _ConvWeights(
             self.features, self.kernel, self.use_bias, name="conv", **kw
         )(x.shape[-1])
         z = jax.lax.conv_general_dilated(
             x.astype(self.dtype),
-            z,
+            kernel,
             window_strides=(self.stride, self.stride),
             padding=[(self.padding, self.padding)] * 2,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
