@@ -274,10 +274,27 @@ def test_conv_equals_flax_convolution(kernel, stride, padding, use_bias):
     )
 
 
-@pytest.mark.parametrize("with_scale_shift", [True, False])
-def test_conv_block_equals_conv_group_norm_silu(with_scale_shift):
-    """The folded block equals conv + bias -> GroupNorm -> (scale + 1, shift) ->
-    SiLU written out in float64, with a bias large against the conv output."""
+def _conv_block_reference(x, params, groups, scale_shift=None):
+    """conv + bias -> GroupNorm (eps 1e-5) -> affine -> scale/shift -> SiLU."""
+    features = params["norm"]["scale"].shape[0]
+    conv = _FlaxConv(features, 3, 1, 1).apply({"params": params["proj"]}, x)
+    b, h, w, _ = x.shape
+    z = np.asarray(conv, np.float64).reshape(b, h * w, groups, features // groups)
+    mean = z.mean(axis=(1, 3), keepdims=True)
+    var = ((z - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+    norm = ((z - mean) / np.sqrt(var + 1e-5)).reshape(b, h, w, features)
+    y = norm * np.asarray(params["norm"]["scale"]) + np.asarray(params["norm"]["bias"])
+    if scale_shift is not None:
+        scale, shift = (np.asarray(v, np.float64) for v in scale_shift)
+        y = y * (scale + 1) + shift
+    return y / (1 + np.exp(-y))
+
+
+@pytest.mark.parametrize("scale_shift_batch", [None, 2, 1])
+def test_conv_block_equals_conv_group_norm_silu(scale_shift_batch):
+    """The folded block equals the layers written out in float64, with a
+    bias large against the conv output; scale and shift may broadcast over
+    the batch."""
     groups, features = 4, 8
     x = jax.random.normal(jax.random.key(0), (2, 6, 5, 3))
     block = layers.ConvBlock(features, groups)
@@ -288,23 +305,36 @@ def test_conv_block_equals_conv_group_norm_silu(with_scale_shift):
     )
     params["proj"]["conv"]["bias"] = params["proj"]["conv"]["bias"] + 5.0
     scale_shift = None
-    if with_scale_shift:
+    if scale_shift_batch is not None:
         keys = jax.random.split(jax.random.key(3), 2)
-        scale_shift = tuple(jax.random.normal(k, (2, 1, 1, features)) for k in keys)
-
-    conv = _FlaxConv(features, 3, 1, 1).apply({"params": params["proj"]}, x)
-    z = np.asarray(conv, np.float64).reshape(2, 30, groups, features // groups)
-    mean = z.mean(axis=(1, 3), keepdims=True)
-    var = ((z - mean) ** 2).mean(axis=(1, 3), keepdims=True)
-    norm = ((z - mean) / np.sqrt(var + 1e-5)).reshape(2, 6, 5, features)
-    y = norm * np.asarray(params["norm"]["scale"]) + np.asarray(params["norm"]["bias"])
-    if with_scale_shift:
-        scale, shift = (np.asarray(v, np.float64) for v in scale_shift)
-        y = y * (scale + 1) + shift
-    expected = y / (1 + np.exp(-y))
+        shape = (scale_shift_batch, 1, 1, features)
+        scale_shift = tuple(jax.random.normal(k, shape) for k in keys)
 
     got = block.apply({"params": params}, x, scale_shift)
+    expected = _conv_block_reference(x, params, groups, scale_shift)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_block_stays_accurate_when_the_bias_cancels_a_large_mean():
+    """Channels of one group with conv means +100 and -100, cancelled by the
+    bias: the normalised output is O(1) and must stay accurate (statistics
+    of z and z**2 taken apart would lose about 1e-3 here)."""
+    offset = 100.0
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3)).at[..., 0].add(offset)
+    block = layers.ConvBlock(2, 1)
+    params = block.init(jax.random.key(1), x)["params"]
+    kernel = np.zeros((3, 3, 3, 2), np.float32)  # centre taps only: no border
+    kernel[1, 1, 0] = [1.0, -1.0]  # channel 0 carries +offset, channel 1 -offset
+    kernel[1, 1, 1, 0] = kernel[1, 1, 2, 1] = 0.5
+    params["proj"]["conv"] = {
+        "kernel": jnp.asarray(kernel),
+        "bias": jnp.asarray([-offset, offset]),
+    }
+
+    got = block.apply({"params": params}, x)
+    expected = _conv_block_reference(x, params, 1)
+    assert np.abs(expected).max() < 5.0
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=2e-4)
 
 
 def _rms_norm(x, g):

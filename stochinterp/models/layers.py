@@ -289,8 +289,8 @@ class ConvBlock(nn.Module):
     Computed as ``silu(z * a + b)`` from the bias-free convolution ``z``: the
     conv bias, the norm's statistics and affine and the scale and shift are
     folded into one factor and one offset per example and channel. The
-    statistics of ``z + bias`` come from per-channel sums of ``z`` and
-    ``z**2``, so ``z + bias`` is never formed. Same parameters and function as
+    statistics of ``z + bias`` are per-channel sums with the add fused into
+    them, so ``z + bias`` is never written. Same parameters and function as
     the sequence of layers; one pass over the activations fewer.
     """
 
@@ -304,7 +304,10 @@ class ConvBlock(nn.Module):
     def __call__(
         self, x: jax.Array, scale_shift: tuple[jax.Array, jax.Array] | None = None
     ) -> jax.Array:
-        """x: [b, h, w, c]; scale, shift: [b, 1, 1, features] -> [b, h, w, features]."""
+        """x: [b, h, w, c] -> [b, h, w, features].
+
+        scale, shift: [b or 1, 1, 1, features].
+        """
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         z, bias = Conv(self.features, 3, padding=1, name="proj", **kw)(
             x, add_bias=False
@@ -314,17 +317,23 @@ class ConvBlock(nn.Module):
         norm_scale, norm_bias = _GroupNormAffine(c, name="norm", **kw)()
         z32 = z.astype(jnp.float32).reshape(b, h * w, g, c // g)
         beta = bias.astype(jnp.float32).reshape(g, c // g)
-        # Per-channel moments of z, then the group moments of z + bias.
-        m = jnp.mean(z32, axis=1)
-        s = jnp.mean(jnp.square(z32), axis=1)
-        mean = jnp.mean(m + beta, axis=-1, keepdims=True)
-        mean_sq = jnp.mean(s + beta * (2.0 * m + beta), axis=-1, keepdims=True)
+        # Per-channel moments of z + bias (the add is fused into the sums:
+        # z + bias is not written), then the group moments. Adding the bias
+        # before squaring keeps the variance accurate when the bias cancels
+        # a large mean of z.
+        m = jnp.mean(z32, axis=1) + beta
+        s = jnp.mean(jnp.square(z32 + beta), axis=1)
+        mean = jnp.mean(m, axis=-1, keepdims=True)
+        mean_sq = jnp.mean(s, axis=-1, keepdims=True)
         var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
         r = jax.lax.rsqrt(var + self.epsilon)
         a = (r * norm_scale.reshape(g, c // g)).reshape(b, c)
         offset = (beta - mean).reshape(b, c) * a + norm_bias
         if scale_shift is not None:
-            scale, shift = (v.astype(jnp.float32).reshape(b, c) for v in scale_shift)
+            scale, shift = (
+                jnp.broadcast_to(v.astype(jnp.float32), (b, 1, 1, c)).reshape(b, c)
+                for v in scale_shift
+            )
             a = a * (scale + 1)
             offset = offset * (scale + 1) + shift
         y = z32.reshape(b, h, w, c) * a[:, None, None, :] + offset[:, None, None, :]
