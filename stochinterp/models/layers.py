@@ -165,7 +165,7 @@ class _PointwiseKernel(nn.Module):
 
     @nn.compact
     def __call__(self, bias: bool = False):
-        kernel, bias = _ConvWeights(
+        kernel, bias_or_none = _ConvWeights(
             self.features,
             1,
             bias,
@@ -173,7 +173,7 @@ class _PointwiseKernel(nn.Module):
             param_dtype=self.param_dtype,
             name="conv",
         )(self.fan_in)
-        return kernel[0, 0], bias
+        return kernel[0, 0], bias_or_none
 
 
 class Dense(nn.Module):
@@ -230,11 +230,11 @@ class _GroupNormAffine(nn.Module):
     """The affine parameters of a group norm: ``scale`` (init 1), ``bias`` (init 0)."""
 
     channels: int
-    dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self) -> tuple[jax.Array, jax.Array]:
+        """(scale, bias) in float32."""
         shape = (self.channels,)
         scale = self.param("scale", nn.initializers.ones, shape, self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype)
@@ -314,7 +314,9 @@ class ConvBlock(nn.Module):
         )
         b, h, w, c = z.shape
         g = self.groups
-        norm_scale, norm_bias = _GroupNormAffine(c, name="norm", **kw)()
+        norm_scale, norm_bias = _GroupNormAffine(
+            c, name="norm", param_dtype=self.param_dtype
+        )()
         z32 = z.astype(jnp.float32).reshape(b, h * w, g, c // g)
         beta = bias.astype(jnp.float32).reshape(g, c // g)
         # Per-channel moments of z + bias (the add is fused into the sums:
