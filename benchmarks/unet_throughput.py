@@ -14,7 +14,12 @@ Times one training step (forward, backward, Adam update) of
   compute the same function.
 
 Rounds alternate between the networks so that load from other jobs falls on
-all of them alike; the median round is reported. Run in the benchmark
+all of them alike; each round starts with one untimed step (the first step
+after another network ran is slower, for torch and XLA alike), and the median
+round is reported. Like the launchers, the script first restarts itself with
+transparent huge pages for ``malloc`` (``stochinterp.host_memory``; the
+setting holds for the whole process, so for both libraries alike);
+``STOCHINTERP_HUGE_PAGES=0`` keeps glibc's default. Run in the benchmark
 environment (``pip install -e '.[bench]'`` or as docs/benchmarks/unet.md says):
 
     .venv-bench/bin/python benchmarks/unet_throughput.py
@@ -23,6 +28,10 @@ environment (``pip install -e '.[bench]'`` or as docs/benchmarks/unet.md says):
 from __future__ import annotations
 
 import os
+
+from stochinterp.host_memory import restart_with_huge_pages
+
+restart_with_huge_pages()  # before any work; both libraries get the setting
 
 # Must precede the first jax import.
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -380,6 +389,7 @@ def main() -> None:
     times = {name: [] for name in runners}
     for _ in range(args.rounds):
         for name, runner in runners.items():
+            runner.steps(1)
             times[name].append(runner.steps(args.steps))
 
     print(
@@ -394,6 +404,7 @@ def main() -> None:
         f"devices: {len(jax.devices())} XLA CPU devices; torch threads "
         f"{torch.get_num_threads()}"
     )
+    print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
     print(
         f"setting: dim {args.dim}, dim_mults {mults}, {args.side}x{args.side}x3, "
         f"batch {args.batch}, Adam; {args.rounds} rounds x {args.steps} steps"

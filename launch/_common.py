@@ -309,6 +309,9 @@ def start(argv: list[str], workdir_must_exist: bool = True) -> str:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     path = check_workdir(FLAGS.workdir, workdir_must_exist)
+    from stochinterp.host_memory import restart_with_huge_pages  # no jax import
+
+    restart_with_huge_pages()  # once, before any work: faster CPU steps
     try:
         set_cpu_devices()
     except ValueError as e:

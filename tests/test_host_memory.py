@@ -1,0 +1,112 @@
+"""Huge pages for malloc: when the launchers restart, and what they restart with."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from stochinterp import host_memory
+from stochinterp.host_memory import TUNABLE, huge_page_environment
+
+GLIBC = ("glibc", "2.36")
+
+
+def test_adds_the_tunable_and_keeps_the_rest_of_the_environment():
+    env = huge_page_environment({"PATH": "/bin", "X": "1"}, GLIBC, "madvise")
+    assert env == {"PATH": "/bin", "X": "1", "GLIBC_TUNABLES": f"{TUNABLE}=1"}
+
+
+def test_appends_to_tunables_already_set():
+    before = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    env = huge_page_environment(before, GLIBC, "always")
+    assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{TUNABLE}=1"
+
+
+@pytest.mark.parametrize(
+    "environ, libc, thp",
+    [
+        ({"GLIBC_TUNABLES": f"{TUNABLE}=1"}, GLIBC, "madvise"),  # restarted already
+        ({"GLIBC_TUNABLES": f"a=1:{TUNABLE}=0"}, GLIBC, "madvise"),  # user's choice
+        ({"STOCHINTERP_HUGE_PAGES": "0"}, GLIBC, "madvise"),
+        ({"STOCHINTERP_HUGE_PAGES": " No "}, GLIBC, "always"),
+        ({}, GLIBC, "never"),
+        ({}, GLIBC, None),  # no such kernel setting
+        ({}, ("glibc", "2.34"), "madvise"),  # tunable unknown before 2.35
+        ({}, ("glibc", ""), "madvise"),
+        ({}, ("", ""), "madvise"),  # musl, macOS
+    ],
+)
+def test_no_restart_where_it_cannot_help_or_was_chosen(environ, libc, thp):
+    assert huge_page_environment(environ, libc, thp) is None
+
+
+def test_a_similar_tunable_name_is_not_taken_for_ours():
+    env = huge_page_environment(
+        {"GLIBC_TUNABLES": f"{TUNABLE}x=1"}, ("glibc", "2.40"), "madvise"
+    )
+    assert env["GLIBC_TUNABLES"] == f"{TUNABLE}x=1:{TUNABLE}=1"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("always [madvise] never\n", "madvise"),
+        ("[always] madvise never\n", "always"),
+        ("always madvise [never]\n", "never"),
+        ("", None),
+    ],
+)
+def test_reads_the_kernel_setting(tmp_path, text, expected):
+    path = tmp_path / "enabled"
+    path.write_text(text)
+    assert host_memory.transparent_huge_pages(str(path)) == expected
+    assert host_memory.transparent_huge_pages(str(tmp_path / "missing")) is None
+
+
+_SCRIPT = """
+import os, platform, sys
+from stochinterp.host_memory import restart_with_huge_pages
+tunables = os.environ.get("GLIBC_TUNABLES", "")
+print("run", os.getpid(), tunables, sys.argv[1:], sep="|", flush=True)
+restart_with_huge_pages()
+print("after", flush=True)
+"""
+
+
+def _run(env_update):
+    env = {**os.environ, **env_update}
+    env.pop("GLIBC_TUNABLES", None)
+    out = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, "a", "--b=1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    return [line.split("|") for line in out.splitlines()]
+
+
+def test_restart_runs_the_same_command_once_in_the_same_process():
+    useful = huge_page_environment(
+        {}, platform.libc_ver(), host_memory.transparent_huge_pages()
+    )
+    lines = _run({})
+    if useful is None:  # this machine cannot use it: one run, unchanged
+        assert lines == [["run", lines[0][1], "", "['a', '--b=1']"], ["after"]]
+        return
+    first, second, after = lines
+    assert first[0] == second[0] == "run"
+    assert first[1] == second[1]  # exec keeps the process id
+    assert (first[2], second[2]) == ("", f"{TUNABLE}=1")
+    assert first[3] == second[3] == "['a', '--b=1']"
+    assert after == ["after"]
+
+
+def test_opt_out_runs_once_without_the_tunable():
+    lines = _run({"STOCHINTERP_HUGE_PAGES": "0"})
+    assert lines == [["run", lines[0][1], "", "['a', '--b=1']"], ["after"]]
