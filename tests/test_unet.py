@@ -337,6 +337,46 @@ def test_conv_block_stays_accurate_when_the_bias_cancels_a_large_mean():
     np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=2e-4)
 
 
+@pytest.mark.parametrize("height, width", [(4, 4), (3, 5), (1, 1)])
+def test_upsample_conv_equals_conv_of_the_repeated_input(height, width):
+    """Same parameters as Conv(3, padding 1) and, in float64, the same output
+    and gradients as that conv applied to the input repeated 2x2; a shifted
+    tap (kernel rows paired the wrong way) fails it."""
+    x = jax.random.normal(jax.random.key(0), (2, height, width, 5))
+    ours = layers.UpsampleConv(7)
+    params = ours.init(jax.random.key(1), x)["params"]
+    ref_params = _FlaxConv(7, 3, 1, 1).init(jax.random.key(1), x)["params"]
+    jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+    params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2)), params)
+
+    def reference(p, x):
+        up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return _FlaxConv(7, 3, 1, 1).apply({"params": p}, up)
+
+    with jax.enable_x64(True):
+        p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+        x64 = jnp.asarray(x, jnp.float64)
+        model = layers.UpsampleConv(7, dtype=jnp.float64, param_dtype=jnp.float64)
+        got = model.apply({"params": p64}, x64)
+        expected = reference(p64, x64)
+        assert got.shape == expected.shape == (2, 2 * height, 2 * width, 7)
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+        cotangent = jax.random.normal(jax.random.key(3), got.shape, jnp.float64)
+        grads = jax.vjp(lambda p, x: model.apply({"params": p}, x), p64, x64)[1](
+            cotangent
+        )
+        ref_grads = jax.vjp(reference, p64, x64)[1](cotangent)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12),
+            grads,
+            ref_grads,
+        )
+
+        shifted = dict(p64["conv"], kernel=jnp.roll(p64["conv"]["kernel"], 1, 0))
+        assert np.abs(reference({"conv": shifted}, x64) - got).max() > 1e-3
+
+
 def _rms_norm(x, g):
     return x / np.sqrt(np.sum(x**2, axis=-1, keepdims=True)) * np.sqrt(x.shape[-1]) * g
 

@@ -36,6 +36,7 @@ from stochinterp.models.layers import (
     LearnedSinusoidalFeatures,
     LinearAttention,
     ResnetBlock,
+    UpsampleConv,
     sinusoidal_features,
 )
 
@@ -168,9 +169,10 @@ class UNet(nn.Module):
             x = self._block(w_out, f"up{j}_block2")(x, emb_act)
             if self.linear_attention:
                 x = self._linear_attn(f"up{j}_attn")(x)
-            if i > 0:
-                x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-            x = Conv(w_in, 3, padding=1, name=f"up{j}_up", **kw)(x)
+            if i > 0:  # nearest 2x upsampling, then the 3x3 conv
+                x = UpsampleConv(w_in, name=f"up{j}_up", **kw)(x)
+            else:
+                x = Conv(w_in, 3, padding=1, name=f"up{j}_up", **kw)(x)
 
         x = jnp.concatenate([x, stem], axis=-1)
         x = self._block(self.dim, "final_block")(x, emb_act)
