@@ -84,7 +84,7 @@ def restart_with_huge_pages() -> None:
     env = huge_page_environment(
         os.environ, platform.libc_ver(), transparent_huge_pages()
     )
-    if env is None:
+    if env is None or not sys.executable:  # no interpreter path to exec
         return
     sys.stdout.flush()
     sys.stderr.flush()
