@@ -14,7 +14,8 @@ Tunables are read when a process starts, so the launchers call
 process id, arguments and environment) with the tunable added, once. It does
 nothing where it cannot help (not glibc, glibc older than 2.35, transparent
 huge pages set to ``never``), where ``GLIBC_TUNABLES`` already chooses
-``glibc.malloc.hugetlb``, or where ``STOCHINTERP_HUGE_PAGES=0``. Nothing here
+``glibc.malloc.hugetlb``, where ``STOCHINTERP_HUGE_PAGES=0``, in the restarted
+process itself, and for a program read from stdin. Nothing here
 imports jax.
 """
 
@@ -27,6 +28,10 @@ from collections.abc import Mapping
 
 TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT = "STOCHINTERP_HUGE_PAGES"
+# Set in the restarted process: glibc drops tunables from the environment of
+# privileged programs (setuid, file capabilities), so GLIBC_TUNABLES alone
+# cannot tell that the restart happened.
+RESTARTED = "STOCHINTERP_HUGE_PAGES_RESTARTED"
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 _OFF = ("0", "false", "no", "off")
 
@@ -60,18 +65,19 @@ def huge_page_environment(
       libc: ``platform.libc_ver()``, e.g. ``("glibc", "2.36")``.
       thp: :func:`transparent_huge_pages`.
     """
-    if environ.get(OPT_OUT, "").strip().lower() in _OFF:
+    if environ.get(OPT_OUT, "").strip().lower() in _OFF or RESTARTED in environ:
         return None
     name, version = libc
     if name != "glibc" or not _glibc_at_least(version, (2, 35)):
         return None
     if thp not in ("always", "madvise"):
         return None
-    tunables = environ.get("GLIBC_TUNABLES", "")
-    if any(t.split("=")[0] == TUNABLE for t in tunables.split(":")):
-        return None  # chosen already: by an earlier restart or by the user
+    tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
+    if any(t.split("=")[0].strip() == TUNABLE for t in tunables):
+        return None  # the user's choice
     env = dict(environ)
-    env["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, f"{TUNABLE}=1") if t)
+    env["GLIBC_TUNABLES"] = ":".join([*tunables, f"{TUNABLE}=1"])
+    env[RESTARTED] = "1"
     return env
 
 
@@ -86,6 +92,9 @@ def restart_with_huge_pages() -> None:
     )
     if env is None or not sys.executable:  # no interpreter path to exec
         return
-    sys.stdout.flush()
-    sys.stderr.flush()
+    if sys.argv[0] in ("", "-"):  # a program read from stdin cannot be reread
+        return
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
     os.execve(sys.executable, sys.orig_argv, env)

@@ -10,20 +10,40 @@ import sys
 import pytest
 
 from stochinterp import host_memory
-from stochinterp.host_memory import TUNABLE, huge_page_environment
+from stochinterp.host_memory import RESTARTED, TUNABLE, huge_page_environment
 
 GLIBC = ("glibc", "2.36")
 
 
 def test_adds_the_tunable_and_keeps_the_rest_of_the_environment():
     env = huge_page_environment({"PATH": "/bin", "X": "1"}, GLIBC, "madvise")
-    assert env == {"PATH": "/bin", "X": "1", "GLIBC_TUNABLES": f"{TUNABLE}=1"}
+    assert env == {
+        "PATH": "/bin",
+        "X": "1",
+        "GLIBC_TUNABLES": f"{TUNABLE}=1",
+        RESTARTED: "1",
+    }
 
 
-def test_appends_to_tunables_already_set():
-    before = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
-    env = huge_page_environment(before, GLIBC, "always")
-    assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{TUNABLE}=1"
+@pytest.mark.parametrize(
+    "before, after",
+    [
+        ("glibc.malloc.arena_max=2", f"glibc.malloc.arena_max=2:{TUNABLE}=1"),
+        ("a=1:", f"a=1:{TUNABLE}=1"),  # empty entries dropped
+        (":", f"{TUNABLE}=1"),
+    ],
+)
+def test_appends_to_tunables_already_set(before, after):
+    env = huge_page_environment({"GLIBC_TUNABLES": before}, GLIBC, "always")
+    assert env["GLIBC_TUNABLES"] == after
+
+
+def test_the_restarted_environment_asks_for_no_second_restart():
+    # glibc removes tunables from a privileged program's environment, so the
+    # marker, not GLIBC_TUNABLES, must stop a second restart.
+    env = huge_page_environment({}, GLIBC, "madvise")
+    del env["GLIBC_TUNABLES"]
+    assert huge_page_environment(env, GLIBC, "madvise") is None
 
 
 @pytest.mark.parametrize(
@@ -31,6 +51,7 @@ def test_appends_to_tunables_already_set():
     [
         ({"GLIBC_TUNABLES": f"{TUNABLE}=1"}, GLIBC, "madvise"),  # restarted already
         ({"GLIBC_TUNABLES": f"a=1:{TUNABLE}=0"}, GLIBC, "madvise"),  # user's choice
+        ({"GLIBC_TUNABLES": f" {TUNABLE} =0"}, GLIBC, "madvise"),
         ({"STOCHINTERP_HUGE_PAGES": "0"}, GLIBC, "madvise"),
         ({"STOCHINTERP_HUGE_PAGES": " No "}, GLIBC, "always"),
         ({}, GLIBC, "never"),
@@ -105,6 +126,22 @@ def test_restart_runs_the_same_command_once_in_the_same_process():
     assert (first[2], second[2]) == ("", f"{TUNABLE}=1")
     assert first[3] == second[3] == "['a', '--b=1']"
     assert after == ["after"]
+
+
+def test_a_program_read_from_stdin_runs_once():
+    env = {**os.environ}
+    env.pop("GLIBC_TUNABLES", None)
+    out = subprocess.run(
+        [sys.executable, "-"],
+        input=_SCRIPT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    lines = [line.split("|") for line in out.splitlines()]
+    assert lines == [["run", lines[0][1], "", "[]"], ["after"]]
 
 
 def test_opt_out_runs_once_without_the_tunable():
