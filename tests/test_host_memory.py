@@ -98,11 +98,14 @@ print("after", flush=True)
 """
 
 
-def _run(env_update):
+def _run(env_update, args=("-c", _SCRIPT, "a", "--b=1"), stdin=None):
+    """Runs the script in a fresh interpreter; its printed lines, split on '|'."""
     env = {**os.environ, **env_update}
-    env.pop("GLIBC_TUNABLES", None)
+    for name in ("GLIBC_TUNABLES", RESTARTED):  # as if never restarted
+        env.pop(name, None)
     out = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, "a", "--b=1"],
+        [sys.executable, *args],
+        input=stdin,
         env=env,
         capture_output=True,
         text=True,
@@ -129,18 +132,7 @@ def test_restart_runs_the_same_command_once_in_the_same_process():
 
 
 def test_a_program_read_from_stdin_runs_once():
-    env = {**os.environ}
-    env.pop("GLIBC_TUNABLES", None)
-    out = subprocess.run(
-        [sys.executable, "-"],
-        input=_SCRIPT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    lines = [line.split("|") for line in out.splitlines()]
+    lines = _run({}, args=("-",), stdin=_SCRIPT)
     assert lines == [["run", lines[0][1], "", "[]"], ["after"]]
 
 
