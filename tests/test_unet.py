@@ -274,6 +274,62 @@ def test_conv_equals_flax_convolution(kernel, stride, padding, use_bias):
     )
 
 
+@pytest.mark.parametrize(
+    "kernel, padding, height, width, channels",
+    [(7, 3, 6, 8, 3), (7, 0, 9, 8, 4), (3, 1, 5, 4, 2), (5, 2, 2, 1, 3)],
+)
+def test_conv_with_stacked_rows_equals_the_direct_convolution(
+    kernel, padding, height, width, channels
+):
+    """Same parameters and, in float64, the same output and gradients as the
+    direct convolution; the kernel's rows taken in the wrong order fail it."""
+    x = jax.random.normal(jax.random.key(0), (2, height, width, channels))
+    stacked = layers.Conv(6, kernel, padding=padding, stack_rows=True)
+    direct = layers.Conv(6, kernel, padding=padding)
+    params = stacked.init(jax.random.key(1), x)["params"]
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        params,
+        direct.init(jax.random.key(1), x)["params"],
+    )
+    with jax.enable_x64(True):
+        p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+        x64 = jnp.asarray(x, jnp.float64)
+        kw = dict(padding=padding, dtype=jnp.float64, param_dtype=jnp.float64)
+        ours = layers.Conv(6, kernel, stack_rows=True, **kw)
+        reference = layers.Conv(6, kernel, **kw)
+        got = ours.apply({"params": p64}, x64)
+        expected = reference.apply({"params": p64}, x64)
+        size = (height + 2 * padding - kernel + 1, width + 2 * padding - kernel + 1)
+        assert got.shape == expected.shape == (2, *size, 6)
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+        cotangent = jax.random.normal(jax.random.key(3), got.shape, jnp.float64)
+        grads = jax.vjp(lambda p, x: ours.apply({"params": p}, x), p64, x64)[1](
+            cotangent
+        )
+        ref_grads = jax.vjp(lambda p, x: reference.apply({"params": p}, x), p64, x64)[
+            1
+        ](cotangent)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12),
+            grads,
+            ref_grads,
+        )
+
+        flipped = dict(p64["conv"], kernel=p64["conv"]["kernel"][::-1])
+        assert np.abs(ours.apply({"params": {"conv": flipped}}, x64) - got).max() > 1e-3
+
+
+def test_conv_with_stacked_rows_rejects_a_stride():
+    x = jnp.zeros((1, 8, 8, 3))
+    expected = "stack_rows=True needs stride 1; got stride=2"
+    with pytest.raises(ValueError, match=expected):
+        layers.Conv(4, 3, stride=2, padding=1, stack_rows=True).init(
+            jax.random.key(0), x
+        )
+
+
 def _conv_block_reference(x, params, groups, scale_shift=None):
     """conv + bias -> GroupNorm (eps 1e-5) -> affine -> scale/shift -> SiLU."""
     features = params["norm"]["scale"].shape[0]

@@ -50,6 +50,11 @@ class Conv(nn.Module):
       stride: stride in both directions.
       padding: zero padding on each side of both spatial axes.
       use_bias: whether to add a bias.
+      stack_rows: compute the convolution as a 1 x kernel convolution of the
+        input's ``kernel`` row shifts stacked along channels (stride 1 only).
+        Same parameters and function; faster for wide kernels on few input
+        channels (the 7x7 stem on 3 channels: about 2x on a CPU core), where
+        the direct convolution has too little work per input pixel.
       dtype: compute dtype.
       param_dtype: parameter dtype.
     """
@@ -59,6 +64,7 @@ class Conv(nn.Module):
     stride: int = 1
     padding: int = 0
     use_bias: bool = True
+    stack_rows: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -81,16 +87,44 @@ class Conv(nn.Module):
         kernel, bias = _ConvWeights(
             self.features, self.kernel, self.use_bias, name="conv", **kw
         )(x.shape[-1])
+        x = x.astype(self.dtype)
+        padding = [(self.padding, self.padding)] * 2
+        if self.stack_rows:
+            if self.stride != 1:
+                raise ValueError(
+                    f"stack_rows=True needs stride 1; got stride={self.stride}"
+                )
+            x, kernel = _stacked_rows(x, kernel, self.padding)
+            padding[0] = (0, 0)
         z = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
+            x,
             kernel,
             window_strides=(self.stride, self.stride),
-            padding=[(self.padding, self.padding)] * 2,
+            padding=padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
         if not add_bias:
             return z, bias
         return z if bias is None else z + bias
+
+
+def _stacked_rows(x: jax.Array, kernel: jax.Array, padding: int):
+    """A convolution's input and kernel rewritten as a single-row convolution.
+
+    Output row r of a k x k convolution reads the padded input rows r ... r +
+    k - 1. Stacking those k row shifts along channels (row shift i, then
+    channel c) gives an input ``[b, h_out, w, k * in]`` on which the kernel,
+    its rows moved into the channel axis the same way, is a 1 x k
+    convolution; columns keep their padding.
+    """
+    size, _, in_channels, out_channels = kernel.shape
+    rows_out = x.shape[1] + 2 * padding - size + 1
+    padded = jnp.pad(x, ((0, 0), (padding, padding), (0, 0), (0, 0)))
+    stacked = jnp.concatenate(
+        [padded[:, i : i + rows_out] for i in range(size)], axis=-1
+    )
+    kernel = kernel.transpose(1, 0, 2, 3).reshape(1, size, size * in_channels, -1)
+    return stacked, kernel
 
 
 def _conv_params(module: nn.Module, in_channels: int, size: int):
@@ -398,16 +432,24 @@ class ConvBlock(nn.Module):
         mean = jnp.mean(m, axis=-1, keepdims=True)
         mean_sq = jnp.mean(s, axis=-1, keepdims=True)
         var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
-        r = jax.lax.rsqrt(var + self.epsilon)
-        a = (r * norm_scale.reshape(g, c // g)).reshape(b, c)
-        offset = (beta - mean).reshape(b, c) * a + norm_bias
+        # y = z * a + offset with one factor and one offset per example and
+        # channel. Both end in a division by the group's standard deviation:
+        # XLA does not copy a division into the loop that broadcasts its
+        # result, so they are computed once. Ending in cheap products (with
+        # rsqrt), they were recomputed for every pixel, in a loop XLA's CPU
+        # backend did not vectorise: that loop took about 4x as long.
+        sd = jnp.sqrt(var + self.epsilon)
+        sd = jnp.broadcast_to(sd, (b, g, c // g)).reshape(b, c)
+        gain = jnp.broadcast_to(norm_scale, (b, c))
+        base = (beta - mean).reshape(b, c) * norm_scale + norm_bias * sd
         if scale_shift is not None:
             scale, shift = (
                 jnp.broadcast_to(v.astype(jnp.float32), (b, 1, 1, c)).reshape(b, c)
                 for v in scale_shift
             )
-            a = a * (scale + 1)
-            offset = offset * (scale + 1) + shift
+            gain = gain * (scale + 1)
+            base = base * (scale + 1) + shift * sd
+        a, offset = gain / sd, base / sd
         y = z32.reshape(b, h, w, c) * a[:, None, None, :] + offset[:, None, None, :]
         return nn.silu(y.astype(self.dtype))
 

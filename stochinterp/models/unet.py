@@ -137,7 +137,7 @@ class UNet(nn.Module):
         x = self._input_stack(x_t, cond, labels)
         emb_act = nn.silu(self._embedding(t, labels))
 
-        x = Conv(self.dim, 7, padding=3, name="stem", **kw)(x)
+        x = Conv(self.dim, 7, padding=3, stack_rows=True, name="stem", **kw)(x)
         stem = x
         widths = [self.dim] + [self.dim * m for m in self.dim_mults]
         levels = len(self.dim_mults)
