@@ -17,9 +17,10 @@ Rounds alternate between the networks so that load from other jobs falls on
 all of them alike; each round starts with one untimed step (the first step
 after another network ran is slower, for torch and XLA alike), and the median
 round is reported. Like the launchers, the script first restarts itself with
-transparent huge pages for ``malloc`` (``stochinterp.host_memory``; the
-setting holds for the whole process, so for both libraries alike);
-``STOCHINTERP_HUGE_PAGES=0`` keeps glibc's default. Run in the benchmark
+the host memory settings of ``stochinterp.host_memory`` (transparent huge
+pages and heap thresholds for ``malloc``, which hold for the whole process, so
+for both libraries alike; XLA's temporary buffers in heaps of 16 MiB);
+``STOCHINTERP_HUGE_PAGES=0`` keeps the defaults. Run in the benchmark
 environment (``pip install -e '.[bench]'`` or as docs/benchmarks/unet.md says):
 
     .venv-bench/bin/python benchmarks/unet_throughput.py
