@@ -20,8 +20,10 @@ settings remove that work:
   there, so the next step reuses the same pages: no faults and no zeroing.
 
 The XLA flag is added only where XLA runs on the CPU (no accelerator plugin
-installed, or ``JAX_PLATFORMS`` starting with ``cpu``); a value the user
-already gave for any of these settings is kept.
+installed, or ``JAX_PLATFORMS`` starting with ``cpu``) and not to an
+``XLA_FLAGS`` that names a flags file; a value the user already gave for any
+of these settings is kept. XLA logs a warning for each buffer larger than
+16 MiB (it gets a heap of its own).
 
 Tunables are read when a process starts, so the launchers call
 :func:`restart_with_huge_pages` first: it re-executes the same command (same
@@ -127,9 +129,15 @@ def huge_page_environment(
     ours += [f"{k}={v}" for k, v in HEAP_TUNABLES.items() if k not in chosen]
     env = dict(environ)
     env["GLIBC_TUNABLES"] = ":".join([*tunables, *ours])
-    xla_flags = environ.get("XLA_FLAGS", "").split()
-    if on_cpu and not any(f.split("=")[0] == XLA_HEAP_FLAG for f in xla_flags):
-        env["XLA_FLAGS"] = " ".join([*xla_flags, f"{XLA_HEAP_FLAG}={XLA_HEAP_SIZE}"])
+    xla_flags = environ.get("XLA_FLAGS", "").strip()
+    # XLA reads a value not starting with "-" as the name of a flags file:
+    # left as it is. Otherwise the flag is appended to the text unchanged
+    # (quoted values keep their spacing).
+    is_file = bool(xla_flags) and not xla_flags.startswith("-")
+    given = any(f.split("=")[0] == XLA_HEAP_FLAG for f in xla_flags.split())
+    if on_cpu and not is_file and not given:
+        flag = f"{XLA_HEAP_FLAG}={XLA_HEAP_SIZE}"
+        env["XLA_FLAGS"] = f"{environ['XLA_FLAGS']} {flag}" if xla_flags else flag
     env[RESTARTED] = "1"
     return env
 

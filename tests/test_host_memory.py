@@ -93,6 +93,8 @@ def test_a_similar_tunable_name_is_not_taken_for_ours():
         ("--a=1", True, f"--a=1 {XLA_FLAG}"),
         (f"--a=1 {XLA_FLAG[:-8]}1", True, f"--a=1 {XLA_FLAG[:-8]}1"),  # user's
         ("--a=1", False, "--a=1"),  # XLA runs on an accelerator: not ours to set
+        ("--a='x  y'\t", True, f"--a='x  y'\t {XLA_FLAG}"),  # text kept as is
+        ("/tmp/flags.txt", True, "/tmp/flags.txt"),  # a flags file: untouched
         (None, False, None),
     ],
 )

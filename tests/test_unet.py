@@ -321,6 +321,18 @@ def test_conv_with_stacked_rows_equals_the_direct_convolution(
         assert np.abs(ours.apply({"params": {"conv": flipped}}, x64) - got).max() > 1e-3
 
 
+@pytest.mark.parametrize("height, kernel, padding", [(2, 4, 0), (5, 7, 0), (2, 7, 1)])
+def test_conv_with_stacked_rows_and_a_kernel_taller_than_the_input(
+    height, kernel, padding
+):
+    """No output rows, as the direct convolution gives."""
+    x = jnp.ones((1, height, 9, 1))
+    conv = layers.Conv(2, kernel, padding=padding, stack_rows=True)
+    params = conv.init(jax.random.key(0), x)
+    width = 9 + 2 * padding - kernel + 1
+    assert conv.apply(params, x).shape == (1, 0, width, 2)
+
+
 def test_conv_with_stacked_rows_rejects_a_stride():
     x = jnp.zeros((1, 8, 8, 3))
     expected = "stack_rows=True needs stride 1; got stride=2"

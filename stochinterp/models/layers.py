@@ -94,8 +94,9 @@ class Conv(nn.Module):
                 raise ValueError(
                     f"stack_rows=True needs stride 1; got stride={self.stride}"
                 )
-            x, kernel = _stacked_rows(x, kernel, self.padding)
-            padding[0] = (0, 0)
+            if x.shape[1] + 2 * self.padding >= self.kernel:  # else no output rows
+                x, kernel = _stacked_rows(x, kernel, self.padding)
+                padding[0] = (0, 0)
         z = jax.lax.conv_general_dilated(
             x,
             kernel,
