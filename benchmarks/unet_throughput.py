@@ -13,13 +13,15 @@ Times one training step (forward, backward, Adam update) of
   ours and its output is compared with ours before timing: the two networks
   compute the same function.
 
-Rounds alternate between the networks so that load from other jobs falls on
-all of them alike; each round starts with one untimed step (the first step
-after another network ran is slower, for torch and XLA alike), and the median
-round is reported. Like the launchers, the script first restarts itself with
-the host memory settings of ``stochinterp.host_memory`` (transparent huge
-pages and heap thresholds for ``malloc``, which hold for the whole process, so
-for both libraries alike; XLA's temporary buffers in heaps of 16 MiB);
+Each network trains in a worker process of its own (``--one-process``: all in
+this one), so that each library has its ``malloc`` to itself. Rounds alternate
+between the networks so that load from other jobs falls on all of them alike;
+each round starts with one untimed step (the first step after another network
+ran is slower, for torch and XLA alike), and the median round is reported.
+Like the launchers, the script first restarts itself with the host memory
+settings of ``stochinterp.host_memory`` (transparent huge pages and heap
+thresholds for ``malloc``, which the worker processes inherit, so both
+libraries get them; XLA's temporary buffers in heaps of 16 MiB);
 ``STOCHINTERP_HUGE_PAGES=0`` keeps the defaults. Run in the benchmark
 environment (``pip install -e '.[bench]'`` or as docs/benchmarks/unet.md says):
 
@@ -306,6 +308,64 @@ class JaxRunner:
         return time.perf_counter() - start
 
 
+def _build_runner(kind: str, args, params) -> tuple[object, dict]:
+    """One network's runner, and what is known only after building it."""
+    mults = tuple(args.dim_mults)
+    if kind == "ours":
+        mesh = sharding.make_mesh()
+        model = UNet(dim=args.dim, dim_mults=mults, out_channels=3)
+        params = jax.tree.map(jnp.asarray, params)
+        runner = JaxRunner(model, params, args.batch, args.side, 0, mesh)
+        flops = runner.step_flops_per_device * mesh.devices.size / args.batch
+        return runner, dict(compile_s=runner.compile_s, train_flops=flops)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    net = make_reference(load_reference(), args.dim, mults, kind == "torch-paper")
+    if kind == "torch-paper":
+        copy_params_into(net, params)
+    return TorchRunner(net, args.batch, args.side, 0), {}
+
+
+def _serve(conn, kind: str, args, params) -> None:
+    """A worker process: builds one runner, then times the steps asked for."""
+    runner, info = _build_runner(kind, args, params)
+    conn.send(info)
+    while (n := conn.recv()) is not None:
+        conn.send(runner.steps(n))
+
+
+class WorkerRunner:
+    """A network trained in a process of its own; ``steps`` as the runners'.
+
+    Each library then has its process's ``malloc`` to itself: in one process,
+    torch's allocations between our rounds made our next steps fault their
+    memory in again (8,000-30,000 page faults per step against almost none,
+    and 5-10 % slower steps).
+    """
+
+    def __init__(self, kind: str, args, params):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter
+        self.conn, child = context.Pipe()
+        self.process = context.Process(
+            target=_serve, args=(child, kind, args, params), daemon=True
+        )
+        self.process.start()
+        child.close()
+        self.info = self.conn.recv()
+
+    def steps(self, n: int) -> float:
+        self.conn.send(n)
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join()
+
+
 # ---------------------------------------------------------------------------
 # Main.
 # ---------------------------------------------------------------------------
@@ -337,6 +397,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--one-process",
+        action="store_true",
+        help="train all networks in this process (default: one process each)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -375,15 +440,22 @@ def main() -> None:
             train_flops=torch_flops(net, xt, tt, train=True),
         )
 
-    runners = {
-        "ours": JaxRunner(model, params, args.batch, args.side, 0, mesh),
-        **{n: TorchRunner(net, args.batch, args.side, 0) for n, net in nets.items()},
-    }
-    ours = runners["ours"]
-    info["ours"]["compile_s"] = ours.compile_s
-    info["ours"]["train_flops"] = (
-        ours.step_flops_per_device * mesh.devices.size / args.batch
-    )
+    if args.one_process:
+        runners = {
+            "ours": JaxRunner(model, params, args.batch, args.side, 0, mesh),
+            **{n: TorchRunner(n_, args.batch, args.side, 0) for n, n_ in nets.items()},
+        }
+        ours = runners["ours"]
+        info["ours"]["compile_s"] = ours.compile_s
+        info["ours"]["train_flops"] = (
+            ours.step_flops_per_device * mesh.devices.size / args.batch
+        )
+    else:
+        host_params = jax.tree.map(np.asarray, params)
+        runners = {
+            name: WorkerRunner(name, args, host_params) for name in ("ours", *nets)
+        }
+        info["ours"].update(runners["ours"].info)
 
     for runner in runners.values():  # warm-up (torch allocator, first calls)
         runner.steps(2)
@@ -392,6 +464,9 @@ def main() -> None:
         for name, runner in runners.items():
             runner.steps(1)
             times[name].append(runner.steps(args.steps))
+    for runner in runners.values():
+        if isinstance(runner, WorkerRunner):
+            runner.close()
 
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
@@ -406,6 +481,11 @@ def main() -> None:
         f"{torch.get_num_threads()}"
     )
     print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
+    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(
+        "each network trained in "
+        + ("this process" if args.one_process else "a process of its own")
+    )
     print(
         f"setting: dim {args.dim}, dim_mults {mults}, {args.side}x{args.side}x3, "
         f"batch {args.batch}, Adam; {args.rounds} rounds x {args.steps} steps"
@@ -425,7 +505,7 @@ def main() -> None:
             f"{i['train_flops'] / 1e9:>16.3f} {rates[name]:>15.1f} "
             f"{min(per_round):>6.1f}..{max(per_round):<6.1f}"
         )
-    print(f"ours: compile time of the train step {ours.compile_s:.1f} s")
+    print(f"ours: compile time of the train step {info['ours']['compile_s']:.1f} s")
     for name in nets:
         print(f"speed-up of ours over {name}: {rates['ours'] / rates[name]:.2f}x")
 
