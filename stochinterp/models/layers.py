@@ -118,7 +118,7 @@ def _stacked_rows(x: jax.Array, kernel: jax.Array, padding: int):
     its rows moved into the channel axis the same way, is a 1 x k
     convolution; columns keep their padding.
     """
-    size, _, in_channels, out_channels = kernel.shape
+    size, _, in_channels, _ = kernel.shape
     rows_out = x.shape[1] + 2 * padding - size + 1
     padded = jnp.pad(x, ((0, 0), (padding, padding), (0, 0), (0, 0)))
     stacked = jnp.concatenate(
