@@ -85,6 +85,9 @@ def load_reference():
     uses, are replaced by placeholder modules. Other imports (einops, scipy,
     PIL, tqdm, packaging) must be installed.
     """
+    module = "denoising_diffusion_pytorch.denoising_diffusion_pytorch"
+    if module in sys.modules:  # imported before by this function
+        return sys.modules[module]
     spec = importlib.util.find_spec("denoising_diffusion_pytorch")
     if spec is None:
         raise SystemExit(
@@ -97,9 +100,7 @@ def load_reference():
     for name in _STUBBED:
         if name not in sys.modules:
             sys.modules[name] = _Stub(name)
-    return importlib.import_module(
-        "denoising_diffusion_pytorch.denoising_diffusion_pytorch"
-    )
+    return importlib.import_module(module)
 
 
 def package_version() -> str:
@@ -440,18 +441,12 @@ def main() -> None:
             train_flops=torch_flops(net, xt, tt, train=True),
         )
 
+    host_params = jax.tree.map(np.asarray, params)
     if args.one_process:
-        runners = {
-            "ours": JaxRunner(model, params, args.batch, args.side, 0, mesh),
-            **{n: TorchRunner(n_, args.batch, args.side, 0) for n, n_ in nets.items()},
-        }
-        ours = runners["ours"]
-        info["ours"]["compile_s"] = ours.compile_s
-        info["ours"]["train_flops"] = (
-            ours.step_flops_per_device * mesh.devices.size / args.batch
-        )
+        built = {n: _build_runner(n, args, host_params) for n in ("ours", *nets)}
+        runners = {name: runner for name, (runner, _) in built.items()}
+        info["ours"].update(built["ours"][1])
     else:
-        host_params = jax.tree.map(np.asarray, params)
         runners = {
             name: WorkerRunner(name, args, host_params) for name in ("ours", *nets)
         }
