@@ -616,8 +616,9 @@ def _dopri5(field, x0, settings):
     and never passed into it: k0 and the running error sum are separate
     arrays. So no iteration copies the stage buffer, which on a cheap field
     would cost more than the call. The point where a row evaluates is formed
-    in a branch per row that reads only the stages that row weights (1 to 6,
-    not all 7).
+    in one pass with that row's weights, read from the tableau at run time:
+    one kernel for all rows compiles faster than a branch per row, and runs
+    as fast.
     """
     dtype = x0.dtype  # of the state and of time
     t1 = jnp.asarray(settings.t_max, dtype)
@@ -627,20 +628,18 @@ def _dopri5(field, x0, settings):
     branch = jnp.asarray(_DP_BRANCH)
     no = jnp.bool_(False)
 
-    def make_point(row):
-        # x + h sum_s a[row, s] k_s, summing the nonzero weights only.
-        weights = [(s, float(w)) for s, w in enumerate(_DP_A[row]) if w != 0.0]
+    a = jnp.asarray(_DP_A, dtype)
 
-        def point(x, k0, stages, h):
-            total = 0.0
-            for s, w in weights:
-                total = total + w * (k0 if s == 0 else stages[s - 1])
-            return x + h.astype(dtype) * total
-
-        return point
-
-    # One branch per row: each reads only the stages its row weights.
-    point_of_row = [make_point(row) for row in range(len(_DP_A))]
+    def point(x, k0, stages, h, row):
+        # x + h sum_s a[row, s] k_s in one pass over k0 and stages 1-5 (no
+        # row weights stage 6). Stages a row does not weight may be left from
+        # a rejected attempt: they are stored finite (below), so their zero
+        # weights give zeros.
+        weights = a[row]
+        total = weights[0] * k0
+        for s in range(1, 6):
+            total = total + weights[s] * stages[s - 1]
+        return x + h.astype(dtype) * total
 
     # Each branch returns (new h, next row, accepted), reading arrays only.
     def start(x, k0, y, k, error, h, row):
@@ -664,9 +663,13 @@ def _dopri5(field, x0, settings):
         clipped = state.h >= t1 - state.t  # this attempt ends at t_max
         h = jnp.where(row == _PROBE, state.h, jnp.minimum(state.h, t1 - state.t))
         t = jnp.where((row == 6) & clipped, t1, state.t + c[row] * h)
-        y = jax.lax.switch(row, point_of_row, state.x, state.k0, state.stages, h)
+        y = point(state.x, state.k0, state.stages, h, row)
         k = field(t, y)
-        stages = state.stages.at[jnp.clip(row - 1, 0, 5)].set(k)
+        # A non-finite stage is stored as 0; the attempt is still rejected,
+        # since the error sum takes every stage raw (weight 0 included), and
+        # NaN times 0 is NaN.
+        finite_k = jnp.where(jnp.isfinite(k), k, 0)
+        stages = state.stages.at[jnp.clip(row - 1, 0, 5)].set(finite_k)
         error = jnp.where(row == 1, _DP_E[0] * state.k0, state.error)
         error = error + error_weights[row] * k
         new_h, new_row, ok = jax.lax.switch(
@@ -725,11 +728,11 @@ def _controller(err: jax.Array, settings) -> tuple[jax.Array, jax.Array]:
     After a rejection the step may not grow; a NaN error rejects and shrinks.
     """
     ok = err <= 1.0
-    factor = jnp.where(err > 0, settings.safety * err**-0.2, settings.max_factor)
+    # err = 0 grows the step the most; a NaN error shrinks it the most.
+    limit = jnp.where(err == 0, settings.max_factor, settings.min_factor)
+    factor = jnp.where(err > 0, settings.safety * err**-0.2, limit)
     factor = jnp.clip(
-        jnp.nan_to_num(factor, nan=settings.min_factor),
-        settings.min_factor,
-        jnp.where(ok, settings.max_factor, 1.0),
+        factor, settings.min_factor, jnp.where(ok, settings.max_factor, 1.0)
     )
     return ok, factor
 

@@ -311,6 +311,22 @@ def test_dopri5_rejects_steps_and_reports_running_out():
         samplers.check_info(info)
 
 
+@pytest.mark.parametrize("first_step", [0.5, 0.998])
+def test_dopri5_recovers_from_a_non_finite_stage(first_step):
+    # dx/dt = -10 x from x = 1; the field is NaN wherever |x| > 1.5, which the
+    # exact solution (at most 1) never reaches but the stage points of a step
+    # of 0.5 or more do. The NaN error must reject and shrink the step, and
+    # the NaN stages left from the rejected attempt must not reach the next.
+    def blows_up(t, x, xi):
+        return jnp.where(jnp.abs(x) > 1.5, jnp.nan, -10.0 * x)
+
+    settings = Settings(rtol=1e-6, atol=1e-6, first_step=first_step)
+    x1, info = samplers.integrate(blows_up, jnp.ones((1, 1)), {}, settings)
+    assert int(info.rejected_steps) >= 2 and bool(info.success)
+    exact = np.exp(-10.0 * (settings.t_max - settings.t_min))
+    np.testing.assert_allclose(x1, exact, rtol=0, atol=settings.atol)
+
+
 # ---------------------------------------------------------------- masks
 
 
