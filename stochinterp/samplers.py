@@ -111,8 +111,8 @@ class SamplerSettings:
         None for 'dopri5', whose steps are chosen by the controller.
       t_min: start time (the base sample x0 is taken to be X at t_min).
       t_max: end time; the result is X at t_max.
-      rtol: Dopri5 relative tolerance.
-      atol: Dopri5 absolute tolerance.
+      rtol: Dopri5 relative tolerance (>= 0).
+      atol: Dopri5 absolute tolerance (> 0).
       max_steps: Dopri5 limit on attempted (accepted + rejected) steps.
       first_step: Dopri5 first step size, or None to choose it automatically
         (one extra model call).
@@ -177,10 +177,10 @@ class SamplerSettings:
             )
 
     def _check_controller(self):
-        tolerances = (self.rtol, self.atol)
-        if not all(0 <= tol < np.inf for tol in tolerances) or sum(tolerances) <= 0:
+        if not (0 <= self.rtol < np.inf and 0 < self.atol < np.inf):
             raise ValueError(
-                f"tolerances must be finite, >= 0 and not both 0, got "
+                f"tolerances must be finite, rtol >= 0 and atol > 0 (with atol = 0 "
+                f"a state entry of 0 makes the error test 0/0), got "
                 f"rtol={self.rtol}, atol={self.atol}"
             )
         if not _is_integer(self.max_steps) or self.max_steps < 1:
@@ -741,7 +741,11 @@ def _first_step_guess(x0, k0, settings) -> jax.Array:
     """Hairer's h0 = 0.01 |x0| / |k0| (scaled norms), at most t_max - t_min."""
     scale = settings.atol + settings.rtol * jnp.abs(x0)
     d0, d1 = _rms(x0 / scale), _rms(k0 / scale)
-    h0 = jnp.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
+    h0 = 0.01 * d0 / d1
+    # Hairer's 1e-6 for tiny norms, and where a norm overflowed (h0 = 0 or
+    # NaN).
+    tiny = (d0 < 1e-5) | (d1 < 1e-5) | ~(h0 > 0)
+    h0 = jnp.where(tiny, 1e-6, h0)
     return jnp.minimum(h0, settings.t_max - settings.t_min).astype(x0.dtype)
 
 
@@ -756,5 +760,8 @@ def _first_step(x0, k0, k_probe, h0, settings) -> jax.Array:
         jnp.maximum(1e-6, h0 * 1e-3),
         (0.01 / jnp.maximum(biggest, 1e-15)) ** 0.2,
     )
+    # A non-finite probe or an overflowed norm (h1 NaN or 0): start from the
+    # guess h0; the error test shrinks it from there if it must.
+    h1 = jnp.where(h1 > 0, h1, h0)
     h = jnp.minimum(jnp.minimum(100.0 * h0, h1), settings.t_max - settings.t_min)
     return h.astype(x0.dtype)

@@ -327,6 +327,32 @@ def test_dopri5_recovers_from_a_non_finite_stage(first_step):
     np.testing.assert_allclose(x1, exact, rtol=0, atol=settings.atol)
 
 
+def test_dopri5_automatic_first_step_survives_a_non_finite_probe():
+    # The first-step guess for x0 = (1, 1e-4) is about 0.5, and the probe
+    # point x0 + h0 k0 has a negative second entry, where the field is NaN;
+    # the exact solution stays positive. The step must start from the guess.
+    def field(t, x, xi):
+        return jnp.where(x < 0, jnp.nan, jnp.array([0.0, -100.0]) * x)
+
+    settings = Settings()
+    x1, info = samplers.integrate(field, jnp.array([[1.0, 1e-4]]), {}, settings)
+    assert bool(info.success) and float(info.t_final) == np.float32(settings.t_max)
+    decay = np.exp(-100.0 * (settings.t_max - settings.t_min))
+    np.testing.assert_allclose(x1, [[1.0, 1e-4 * decay]], rtol=0, atol=settings.atol)
+
+
+@pytest.mark.parametrize("speed", [1e15, 1e20])
+def test_dopri5_automatic_first_step_with_norms_beyond_float32(speed):
+    # |k| / atol overflows float32 in the first-step norms; a step of 0 would
+    # never move t.
+    settings = Settings()
+    field = lambda t, x, xi: jnp.full_like(x, speed)  # noqa: E731
+    x1, info = samplers.integrate(field, jnp.zeros((4, 4)), {}, settings)
+    assert bool(info.success) and float(info.t_final) == np.float32(settings.t_max)
+    expected = speed * (np.float32(settings.t_max) - np.float32(settings.t_min))
+    np.testing.assert_allclose(x1, np.full((4, 4), expected), rtol=1e-5)
+
+
 # ---------------------------------------------------------------- masks
 
 
@@ -440,7 +466,7 @@ def test_guided_field_samples_closed_form_and_counts_one_call_per_step():
         ({"method": "heun", "num_steps": 2.5}, "2.5"),
         ({"method": "dopri5", "num_steps": 10}, "num_steps=10"),
         ({"rtol": -1e-5}, "rtol=-1e-05"),
-        ({"rtol": 0.0, "atol": 0.0}, "not both 0"),
+        ({"rtol": 1e-5, "atol": 0.0}, "atol=0.0"),
         ({"max_steps": 0}, "max_steps"),
         ({"first_step": 2.0}, "first_step"),
         ({"min_factor": 2.0}, "min_factor"),
