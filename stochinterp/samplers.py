@@ -744,8 +744,8 @@ def _first_step_guess(x0, k0, settings) -> jax.Array:
     h0 = 0.01 * d0 / d1
     # Hairer's 1e-6 for tiny norms, and where a norm overflowed (h0 = 0 or
     # NaN).
-    tiny = (d0 < 1e-5) | (d1 < 1e-5) | ~(h0 > 0)
-    h0 = jnp.where(tiny, 1e-6, h0)
+    use_default = (d0 < 1e-5) | (d1 < 1e-5) | ~(h0 > 0)
+    h0 = jnp.where(use_default, 1e-6, h0)
     return jnp.minimum(h0, settings.t_max - settings.t_min).astype(x0.dtype)
 
 
