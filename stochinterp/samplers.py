@@ -15,7 +15,10 @@ float64; ``x`` ``[batch, ...]``; ``xi`` any conditioning pytree):
   diffrax), first-same-as-last, the last step clipped to end at t_max
   exactly. Model calls: 1 (at t_min) + 1 (automatic first step, unless
   ``first_step`` is given) + 6 per attempted step. The last stage of each
-  step is evaluated at its end time, so t_max itself is evaluated.
+  step is evaluated at its end time, so t_max itself is evaluated. A NaN or
+  inf from the field rejects the attempt and shrinks the step (by
+  ``min_factor``); ``success`` is False if t_max is not reached within
+  ``max_steps`` attempts.
 - ``'euler_maruyama'``: ``dX = [b + eps(t) score] dt + sqrt(2 eps(t)) dW`` on
   the Euler grid; the last step is a plain Euler step of the ODE (no noise,
   no score term). Field calls: N velocity + N score calls (no score calls
