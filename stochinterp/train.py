@@ -107,6 +107,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     tc = config.train
     check_seed("seed", config.seed)
     sharding.check_global_batch(tc.global_batch, mesh)
+    ts.check_micro_batches(tc.micro_batches, tc.global_batch, mesh.devices.size)
     interpolants.check_time_range(tc.t_min, tc.t_max)
     for name in (
         "num_steps",
@@ -283,8 +284,11 @@ def init_state(config, model, optimizer, coupling, mesh) -> ts.TrainState:
 def make_step_fn(config: ml_collections.ConfigDict, loss_fn, optimizer, mesh: Mesh):
     """The jitted training step: batch split over ``mesh``, state replicated.
 
-    The gradient is a mean over the global batch; XLA inserts the all-reduce
-    across devices (and processes). The input state is donated.
+    The gradient is a mean over the global batch: with
+    ``train.micro_batches = 1`` XLA partitions the step and inserts the
+    all-reduces across devices (and processes); with more, each device
+    computes its gradient alone in that many passes and the devices average
+    once (``train_state.per_device_gradients``). The input state is donated.
     """
     tc = config.train
     step = ts.make_train_step(
@@ -294,6 +298,8 @@ def make_step_fn(config: ml_collections.ConfigDict, loss_fn, optimizer, mesh: Me
         tc.ema_warmup,
         tc.loss_time_bins,
         (tc.t_min, tc.t_max),
+        mesh=mesh,
+        micro_batches=tc.micro_batches,
     )
     replicated = sharding.replicated(mesh)
     return jax.jit(step, out_shardings=(replicated, replicated), donate_argnums=0)

@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.sharding import Mesh, PartitionSpec
 
-from stochinterp import losses
+from stochinterp import losses, sharding
 
 
 @flax.struct.dataclass
@@ -90,6 +91,84 @@ def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
     return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
 
+def check_micro_batches(micro_batches, global_batch: int, devices: int) -> None:
+    """Raises unless each device's part of the batch splits into ``micro_batches``."""
+    if (
+        isinstance(micro_batches, bool)
+        or not isinstance(micro_batches, int)
+        or micro_batches < 1
+    ):
+        raise ValueError(
+            f"train.micro_batches must be an integer >= 1, got {micro_batches!r}"
+        )
+    if global_batch % (devices * micro_batches):
+        raise ValueError(
+            f"train.global_batch={global_batch} must be a multiple of the number "
+            f"of devices ({devices}) times train.micro_batches ({micro_batches})"
+        )
+
+
+def per_device_gradients(loss_fn: Callable, mesh: Mesh, micro_batches: int) -> Callable:
+    """``value_and_grad(loss_fn, has_aux=True)``, computed device by device.
+
+    Each device takes the gradient of the loss on its own part of the batch,
+    in ``micro_batches`` passes of equal size (their mean), and the devices
+    average once at the end: one all-reduce per step, and activations for
+    one micro-batch at a time. The loss must be a mean over examples, so
+    that the mean over equal parts is the loss of the whole batch; the
+    per-example terms come back in device order, each device's micro-batches
+    in turn.
+
+    Randomness: pass ``i`` on device ``d`` calls ``loss_fn`` with
+    ``fold_in(fold_in(key, d), i)``, so every example still gets its own
+    draws, though other draws than the step without micro-batches makes.
+
+    Returns:
+      ``grad_fn(params, key, x1, labels) -> ((loss, terms), grads)``, for use
+      inside ``jax.jit`` with the batch split over ``mesh``'s data axis.
+      ``x1`` and ``labels`` (or None) may be arrays or pytrees of arrays,
+      all with the batch as their first axis; so may ``terms``.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    axis = sharding.DATA_AXIS
+
+    def local(params, key, x1, labels):
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis))
+        size = jax.tree.leaves(x1)[0].shape[0] // micro_batches
+        total = None
+        terms = []
+        for i in range(micro_batches):
+            part = slice(i * size, (i + 1) * size)
+            (loss, part_terms), grads = grad_fn(
+                params,
+                jax.random.fold_in(key, i),
+                *jax.tree.map(lambda a, part=part: a[part], (x1, labels)),
+            )
+            terms.append(part_terms)
+            total = (
+                (loss, grads)
+                if total is None
+                else jax.tree.map(jnp.add, total, (loss, grads))
+            )
+        loss, grads = jax.lax.pmean(
+            jax.tree.map(lambda a: a / micro_batches, total), axis
+        )
+        terms = jax.tree.map(lambda *parts: jnp.concatenate(parts), *terms)
+        return (loss, terms), grads
+
+    batch, whole = PartitionSpec(axis), PartitionSpec()
+    # check_vma=False: with it on, the gradient with respect to the replicated
+    # parameters would already be summed over the devices by autodiff; here
+    # each device's gradient stays its own until the one explicit pmean.
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(whole, whole, batch, batch),
+        out_specs=((whole, batch), whole),
+        check_vma=False,
+    )
+
+
 def make_train_step(
     loss_fn: Callable,
     optimizer: optax.GradientTransformation,
@@ -97,6 +176,9 @@ def make_train_step(
     ema_warmup: bool = True,
     time_bins: int = 10,
     t_range: tuple[float, float] = (0.0, 1.0),
+    *,
+    mesh: Mesh | None = None,
+    micro_batches: int = 1,
 ) -> Callable:
     """Returns ``step(state, batch) -> (state, metrics)``, pure and jittable.
 
@@ -107,11 +189,20 @@ def make_train_step(
       ema_warmup: use the warm-up schedule of ``ema_decay_at``.
       time_bins: number of time bins for the loss-by-time metrics.
       t_range: (t_min, t_max) of the time bins.
+      mesh: the data-parallel mesh; needed when ``micro_batches > 1``.
+      micro_batches: 1: the gradient of the whole batch as one program that
+        XLA partitions over the devices. More: each device computes its
+        gradient alone in that many passes (``per_device_gradients``).
 
     A non-finite loss or gradient leaves the state unchanged and records the
     step in ``state.bad_step``; the caller checks it when it logs or saves.
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if micro_batches == 1:
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    elif mesh is None:
+        raise ValueError(f"micro_batches={micro_batches} needs the mesh")
+    else:
+        grad_fn = per_device_gradients(loss_fn, mesh, micro_batches)
 
     def step(state: TrainState, batch: dict):
         key = jax.random.fold_in(state.key, state.step)

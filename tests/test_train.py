@@ -97,6 +97,80 @@ def test_a_non_finite_loss_freezes_the_state_and_records_the_step():
             np.testing.assert_array_equal(a, b)
 
 
+def _one_step(micro_batches: int, x1: np.ndarray, mesh):
+    optimizer = optax.adam(1e-2)
+    step = jax.jit(
+        ts.make_train_step(
+            toy_loss, optimizer, 0.9, 4, mesh=mesh, micro_batches=micro_batches
+        )
+    )
+    state = jax.device_put(toy_state(optimizer), sharding.replicated(mesh))
+    return step(state, sharding.shard_batch({"image": x1}, mesh))
+
+
+@pytest.mark.parametrize("micro_batches", [2, 4])
+def test_micro_batches_give_the_whole_batch_update(micro_batches):
+    # toy_loss's gradient does not depend on its random draws: every way of
+    # splitting the batch must give the update of the whole batch.
+    mesh = sharding.make_mesh()
+    x1 = np.random.default_rng(0).normal(size=(16, 3)).astype(np.float32)
+    whole, whole_metrics = _one_step(1, x1, mesh)
+    split, metrics = _one_step(micro_batches, x1, mesh)
+
+    # Closed form of the first Adam step: w - lr * sign(grad), grad = 2 (w - mean x1).
+    w = np.asarray([1.0, -2.0, 0.5])
+    expected = w - 1e-2 * np.sign(2 * (w - x1.mean(axis=0)))
+    np.testing.assert_allclose(whole.params["w"], expected, rtol=1e-6)
+    for name in ("params", "ema_params", "opt_state"):
+        parts = (jax.tree.leaves(getattr(s, name)) for s in (split, whole))
+        for a, b in zip(*parts, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    assert int(split.step) == 1
+    per_example = np.sum(np.square(w - x1), axis=1)
+    assert float(metrics["loss"]) == pytest.approx(per_example.mean(), rel=1e-6)
+    assert float(metrics["grad_norm"]) == pytest.approx(
+        float(whole_metrics["grad_norm"]), rel=1e-6
+    )
+    # Every example is counted once in the loss-by-time bins.
+    assert float(np.sum(metrics["mse_bin_counts"])) == 16
+    assert float(np.sum(metrics["mse_bin_sums"])) == pytest.approx(
+        per_example.sum(), rel=1e-5
+    )
+    for leaf in jax.tree.leaves((split, metrics)):
+        assert leaf.sharding.is_fully_replicated
+
+
+def test_micro_batches_draw_their_own_times_on_each_device():
+    mesh = sharding.make_mesh()
+    times = []
+    grad_fn = jax.jit(
+        ts.per_device_gradients(toy_loss, mesh, 2),
+        out_shardings=((sharding.replicated(mesh),) * 2, sharding.replicated(mesh)),
+    )
+    x1 = sharding.shard_batch({"image": np.zeros((8, 3), np.float32)}, mesh)["image"]
+    params = {"w": jnp.zeros(3)}
+    for _ in range(2):
+        (_, terms), _ = grad_fn(params, jax.random.key(3), x1, None)
+        times.append(np.asarray(terms.t))
+    # 2 devices x 2 passes x 2 examples: 8 times, all different, and the
+    # same on a second call.
+    assert len(set(times[0].tolist())) == 8
+    np.testing.assert_array_equal(times[0], times[1])
+    # Pass i on device d draws with fold_in(fold_in(key, d), i).
+    key = jax.random.key(3)
+    for d in range(2):
+        for i in range(2):
+            own = jax.random.fold_in(jax.random.fold_in(key, d), i)
+            expected = jax.random.uniform(own, (2,))
+            start = 4 * d + 2 * i
+            np.testing.assert_array_equal(times[0][start : start + 2], expected)
+
+
+def test_micro_batches_without_a_mesh_are_refused():
+    with pytest.raises(ValueError, match="micro_batches=2 needs the mesh"):
+        ts.make_train_step(toy_loss, optax.sgd(0.1), 0.9, micro_batches=2)
+
+
 def test_the_step_keeps_the_state_replicated_and_the_batch_split(tmp_path):
     mesh = sharding.make_mesh()
     config = tiny_config(tmp_path)
@@ -227,6 +301,10 @@ def test_the_launcher_refuses_batch_7_on_2_devices_without_building_data(
         ("data.eval_split", "bogus", "data.eval_split='bogus' is not a split"),
         ("optim.decay_rate", 1.5, "optim.decay_rate must lie in"),
         ("data.name", "cifar", "data.name='cifar' is unknown"),
+        ("train.micro_batches", 0, "train.micro_batches must be an integer >= 1"),
+        ("train.micro_batches", True, "train.micro_batches .* got True"),
+        # The tiny config's batch of 4 on 2 devices: 2 per device.
+        ("train.micro_batches", 4, r"global_batch=4 .* devices \(2\) times .* \(4\)"),
     ],
 )
 def test_out_of_range_values_are_refused_before_the_workdir_is_made(
