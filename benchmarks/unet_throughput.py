@@ -59,6 +59,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from stochinterp import sharding  # noqa: E402
+from stochinterp import train_state as train_state_lib  # noqa: E402
 from stochinterp.models import UNet, count_params  # noqa: E402
 
 # ---------------------------------------------------------------------------
@@ -66,6 +67,8 @@ from stochinterp.models import UNet, count_params  # noqa: E402
 # ---------------------------------------------------------------------------
 
 _STUBBED = ("torchvision", "accelerate", "ema_pytorch")
+# Suffix of the runner kinds whose gradient is taken in --micro-batches passes.
+MICRO = "-mb"
 
 
 class _Stub(types.ModuleType):
@@ -204,15 +207,29 @@ def copy_params_into(net, params) -> None:
 # ---------------------------------------------------------------------------
 
 
-def make_jax_step(model: UNet, optimizer, mesh):
-    """A jitted train step with the batch split over the mesh."""
+def make_jax_step(model: UNet, optimizer, mesh, micro_batches: int = 1):
+    """A jitted train step with the batch split over the mesh.
+
+    With ``micro_batches > 1`` the gradient is taken as the library's training
+    step takes it with ``train.micro_batches``: each device alone, in that
+    many passes, averaged once (``train_state.per_device_gradients``).
+    """
 
     def loss_fn(params, x_t, t, target):
         out = model.apply({"params": params}, x_t, t)
         return jnp.mean(jnp.square(out - target))
 
+    def split_loss(params, key, batch, labels):
+        return loss_fn(params, *batch), ()
+
+    per_device = train_state_lib.per_device_gradients(split_loss, mesh, micro_batches)
+
     def step(params, opt_state, x_t, t, target):
-        loss, grads = jax.value_and_grad(loss_fn)(params, x_t, t, target)
+        if micro_batches == 1:
+            loss, grads = jax.value_and_grad(loss_fn)(params, x_t, t, target)
+        else:
+            key = jax.random.key(0)  # unused by this loss
+            (loss, _), grads = per_device(params, key, (x_t, t, target), None)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -254,9 +271,10 @@ def torch_flops(net, x, t, train: bool) -> float:
 class TorchRunner:
     """Adam training steps of a torch network on fixed random data."""
 
-    def __init__(self, net, batch, side, seed):
+    def __init__(self, net, batch, side, seed, micro_batches: int = 1):
         import torch
 
+        self.micro_batches = micro_batches
         self.torch = torch
         gen = torch.Generator().manual_seed(seed)
         self.net = net.train()
@@ -269,8 +287,11 @@ class TorchRunner:
         start = time.perf_counter()
         for _ in range(n):
             self.opt.zero_grad(set_to_none=True)
-            loss = (self.net(self.x, self.t) - self.target).square().mean()
-            loss.backward()
+            m = self.micro_batches
+            parts = (a.chunk(m) for a in (self.x, self.t, self.target))
+            for x, t, target in zip(*parts, strict=True):
+                loss = (self.net(x, t) - target).square().mean() / m
+                loss.backward()
             self.opt.step()
         return time.perf_counter() - start
 
@@ -278,7 +299,7 @@ class TorchRunner:
 class JaxRunner:
     """Adam training steps of our network on fixed random data."""
 
-    def __init__(self, model, params, batch, side, seed, mesh):
+    def __init__(self, model, params, batch, side, seed, mesh, micro_batches=1):
         optimizer = optax.adam(2e-4)
         rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
         self.params = jax.device_put(params, rep)
@@ -292,7 +313,7 @@ class JaxRunner:
             ),
             data,
         )
-        step = make_jax_step(model, optimizer, mesh)
+        step = make_jax_step(model, optimizer, mesh, micro_batches)
         start = time.perf_counter()
         lowered = step.lower(self.params, self.opt_state, *self.batch)
         self.compiled = lowered.compile()
@@ -312,11 +333,13 @@ class JaxRunner:
 def _build_runner(kind: str, args, params) -> tuple[object, dict]:
     """One network's runner, and what is known only after building it."""
     mults = tuple(args.dim_mults)
+    micro_batches = args.micro_batches if kind.endswith(MICRO) else 1
+    kind = kind.removesuffix(MICRO)
     if kind == "ours":
         mesh = sharding.make_mesh()
         model = UNet(dim=args.dim, dim_mults=mults, out_channels=3)
         params = jax.tree.map(jnp.asarray, params)
-        runner = JaxRunner(model, params, args.batch, args.side, 0, mesh)
+        runner = JaxRunner(model, params, args.batch, args.side, 0, mesh, micro_batches)
         flops = runner.step_flops_per_device * mesh.devices.size / args.batch
         return runner, dict(compile_s=runner.compile_s, train_flops=flops)
     import torch
@@ -326,7 +349,7 @@ def _build_runner(kind: str, args, params) -> tuple[object, dict]:
     net = make_reference(load_reference(), args.dim, mults, kind == "torch-paper")
     if kind == "torch-paper":
         copy_params_into(net, params)
-    return TorchRunner(net, args.batch, args.side, 0), {}
+    return TorchRunner(net, args.batch, args.side, 0, micro_batches), {}
 
 
 def _serve(conn, kind: str, args, params) -> None:
@@ -403,6 +426,13 @@ def main() -> None:
         action="store_true",
         help="train all networks in this process (default: one process each)",
     )
+    parser.add_argument(
+        "--micro-batches",
+        type=int,
+        default=2,
+        help="also time ours and torch-package with the gradient taken in this "
+        "many passes per device (rows ending in '-mb'; 1: no such rows)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -413,6 +443,9 @@ def main() -> None:
     mults = tuple(args.dim_mults)
     mesh = sharding.make_mesh()
     sharding.check_global_batch(args.batch, mesh)
+    train_state_lib.check_micro_batches(
+        args.micro_batches, args.batch, mesh.devices.size
+    )
 
     model = UNet(dim=args.dim, dim_mults=mults, out_channels=3)
     x1 = jnp.zeros((1, args.side, args.side, 3))
@@ -441,16 +474,22 @@ def main() -> None:
             train_flops=torch_flops(net, xt, tt, train=True),
         )
 
+    kinds = ["ours", *nets]
+    if args.micro_batches > 1:
+        kinds[1:1] = ["ours" + MICRO]
+        kinds.insert(kinds.index("torch-package") + 1, "torch-package" + MICRO)
+        for name in ("ours", "torch-package"):
+            info[name + MICRO] = dict(info[name])
     host_params = jax.tree.map(np.asarray, params)
     if args.one_process:
-        built = {n: _build_runner(n, args, host_params) for n in ("ours", *nets)}
+        built = {n: _build_runner(n, args, host_params) for n in kinds}
         runners = {name: runner for name, (runner, _) in built.items()}
-        info["ours"].update(built["ours"][1])
+        extra = {name: found for name, (_, found) in built.items()}
     else:
-        runners = {
-            name: WorkerRunner(name, args, host_params) for name in ("ours", *nets)
-        }
-        info["ours"].update(runners["ours"].info)
+        runners = {name: WorkerRunner(name, args, host_params) for name in kinds}
+        extra = {name: runner.info for name, runner in runners.items()}
+    for name, found in extra.items():
+        info[name].update(found)
 
     for runner in runners.values():  # warm-up (torch allocator, first calls)
         runner.steps(2)
@@ -485,9 +524,14 @@ def main() -> None:
         f"setting: dim {args.dim}, dim_mults {mults}, {args.side}x{args.side}x3, "
         f"batch {args.batch}, Adam; {args.rounds} rounds x {args.steps} steps"
     )
+    if args.micro_batches > 1:
+        print(
+            f"rows ending in {MICRO!r}: the gradient in {args.micro_batches} "
+            "passes per device (ours) or per step (torch)"
+        )
     print(f"torch-paper vs ours, max relative output difference: {rel_err:.2e}")
     print(
-        f"{'network':<14} {'params':>10} {'fwd GFLOP/img':>14} "
+        f"{'network':<17} {'params':>10} {'fwd GFLOP/img':>14} "
         f"{'train GFLOP/img':>16} {'img/s (median)':>15} {'min..max':>14}"
     )
     rates = {}
@@ -496,13 +540,21 @@ def main() -> None:
         rates[name] = statistics.median(per_round)
         i = info[name]
         print(
-            f"{name:<14} {i['params']:>10,} {i['fwd_flops'] / 1e9:>14.3f} "
+            f"{name:<17} {i['params']:>10,} {i['fwd_flops'] / 1e9:>14.3f} "
             f"{i['train_flops'] / 1e9:>16.3f} {rates[name]:>15.1f} "
             f"{min(per_round):>6.1f}..{max(per_round):<6.1f}"
         )
-    print(f"ours: compile time of the train step {info['ours']['compile_s']:.1f} s")
+    for name in rates:
+        if name.startswith("ours"):
+            seconds = info[name]["compile_s"]
+            print(f"{name}: compile time of the train step {seconds:.1f} s")
+    best = max((name for name in rates if name.startswith("ours")), key=rates.get)
     for name in nets:
-        print(f"speed-up of ours over {name}: {rates['ours'] / rates[name]:.2f}x")
+        theirs = max((n for n in rates if n.startswith(name)), key=rates.get)
+        print(
+            f"speed-up of {best} over {name} (its faster row, {theirs}): "
+            f"{rates[best] / rates[theirs]:.2f}x"
+        )
 
 
 if __name__ == "__main__":
