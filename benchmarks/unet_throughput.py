@@ -222,14 +222,15 @@ def make_jax_step(model: UNet, optimizer, mesh, micro_batches: int = 1):
     def split_loss(params, key, batch, labels):
         return loss_fn(params, *batch), ()
 
-    per_device = train_state_lib.per_device_gradients(split_loss, mesh, micro_batches)
-
     def step(params, opt_state, x_t, t, target):
         if micro_batches == 1:
             loss, grads = jax.value_and_grad(loss_fn)(params, x_t, t, target)
         else:
+            grad_fn = train_state_lib.per_device_gradients(
+                split_loss, mesh, micro_batches
+            )
             key = jax.random.key(0)  # unused by this loss
-            (loss, _), grads = per_device(params, key, (x_t, t, target), None)
+            (loss, _), grads = grad_fn(params, key, (x_t, t, target), None)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
