@@ -91,8 +91,7 @@ def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
     return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
 
-def check_micro_batches(micro_batches, global_batch: int, devices: int) -> None:
-    """Raises unless each device's part of the batch splits into ``micro_batches``."""
+def _check_micro_batch_count(micro_batches) -> None:
     if (
         isinstance(micro_batches, bool)
         or not isinstance(micro_batches, int)
@@ -101,6 +100,11 @@ def check_micro_batches(micro_batches, global_batch: int, devices: int) -> None:
         raise ValueError(
             f"train.micro_batches must be an integer >= 1, got {micro_batches!r}"
         )
+
+
+def check_micro_batches(micro_batches, global_batch: int, devices: int) -> None:
+    """Raises unless each device's part of the batch splits into ``micro_batches``."""
+    _check_micro_batch_count(micro_batches)
     if global_batch % (devices * micro_batches):
         raise ValueError(
             f"train.global_batch={global_batch} must be a multiple of the number "
@@ -113,8 +117,8 @@ def per_device_gradients(loss_fn: Callable, mesh: Mesh, micro_batches: int) -> C
 
     Each device takes the gradient of the loss on its own part of the batch,
     in ``micro_batches`` passes of equal size (their mean), and the devices
-    average once at the end: one all-reduce per step, and activations for
-    one micro-batch at a time. The loss must be a mean over examples, so
+    average once at the end: one all-reduce per step. (Not less memory: XLA
+    schedules the passes together.) The loss must be a mean over examples, so
     that the mean over equal parts is the loss of the whole batch; the
     per-example terms come back in device order, each device's micro-batches
     in turn.
@@ -128,13 +132,25 @@ def per_device_gradients(loss_fn: Callable, mesh: Mesh, micro_batches: int) -> C
       inside ``jax.jit`` with the batch split over ``mesh``'s data axis.
       ``x1`` and ``labels`` (or None) may be arrays or pytrees of arrays,
       all with the batch as their first axis; so may ``terms``.
+
+    Raises:
+      ValueError: here, unless ``micro_batches`` is an integer >= 1; when
+        traced, unless each device's part of the batch splits into
+        ``micro_batches`` equal passes.
     """
+    _check_micro_batch_count(micro_batches)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     axis = sharding.DATA_AXIS
 
     def local(params, key, x1, labels):
         key = jax.random.fold_in(key, jax.lax.axis_index(axis))
-        size = jax.tree.leaves(x1)[0].shape[0] // micro_batches
+        share = jax.tree.leaves(x1)[0].shape[0]
+        if share % micro_batches:
+            raise ValueError(
+                f"each device's part of the batch ({share} examples) must split "
+                f"into micro_batches={micro_batches} equal passes"
+            )
+        size = share // micro_batches
         total = None
         terms = []
         for i in range(micro_batches):
@@ -197,6 +213,7 @@ def make_train_step(
     A non-finite loss or gradient leaves the state unchanged and records the
     step in ``state.bad_step``; the caller checks it when it logs or saves.
     """
+    _check_micro_batch_count(micro_batches)
     if micro_batches == 1:
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     elif mesh is None:

@@ -8,6 +8,7 @@ the runs that train a network are in ``test_faults.py`` and
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -169,6 +170,31 @@ def test_micro_batches_draw_their_own_times_on_each_device():
 def test_micro_batches_without_a_mesh_are_refused():
     with pytest.raises(ValueError, match="micro_batches=2 needs the mesh"):
         ts.make_train_step(toy_loss, optax.sgd(0.1), 0.9, micro_batches=2)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True, None])
+def test_a_micro_batch_count_that_is_not_a_positive_integer_is_refused(bad):
+    mesh = sharding.make_mesh()
+    message = f"micro_batches must be an integer >= 1, got {bad!r}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ts.per_device_gradients(toy_loss, mesh, bad)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ts.make_train_step(toy_loss, optax.sgd(0.1), 0.9, mesh=mesh, micro_batches=bad)
+
+
+@pytest.mark.parametrize("micro_batches", [3, 5])
+def test_a_device_share_that_does_not_split_into_the_passes_is_refused(micro_batches):
+    # 8 examples on 2 devices: 4 each, which 3 and 5 passes do not divide
+    # (the examples left over would be dropped from the gradient).
+    mesh = sharding.make_mesh()
+    grad_fn = jax.jit(ts.per_device_gradients(toy_loss, mesh, micro_batches))
+    x1 = sharding.shard_batch({"image": np.zeros((8, 3), np.float32)}, mesh)["image"]
+    message = (
+        f"each device's part of the batch (4 examples) must split into "
+        f"micro_batches={micro_batches} equal passes"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        grad_fn({"w": jnp.zeros(3)}, jax.random.key(0), x1, None)
 
 
 def test_the_step_keeps_the_state_replicated_and_the_batch_split(tmp_path):
