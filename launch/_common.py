@@ -253,6 +253,12 @@ def use_compilation_cache(folder: str) -> bool:
     compiled again, with a warning). A folder that cannot be created or
     written turns the cache off with a warning instead of stopping the run.
     Returns whether the cache is on.
+
+    XLA cannot store a CPU program whose temporary buffers it split into
+    several heaps (``--xla_multiheap_size_constraint_per_heap``, which the
+    host memory settings add): such a program (the training step, as a
+    rule) is compiled on every start, and one log line says so instead of
+    jax's warning.
     """
     if not folder:
         return False
@@ -269,27 +275,49 @@ def use_compilation_cache(folder: str) -> bool:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", folder)
-    _remove_damaged_entries_of(folder)
+    _watch_cache_warnings(folder)
     return True
 
 
 _DAMAGED_ENTRY = re.compile(
     r"Error reading persistent compilation cache entry for '([^']+)'"
 )
+_SPLIT_HEAPS = re.compile(
+    r"Error writing persistent compilation cache entry for '([^']+)'.*"
+    r"Multiple temp buffer allocations",
+    re.DOTALL,
+)
 
 
-def _remove_damaged_entries_of(folder: str) -> None:
-    """Removes a cache entry that jax could not read (e.g. a run killed while
-    writing it), so that the program compiled instead is stored again.
+def _watch_cache_warnings(folder: str) -> None:
+    """Acts on two of jax's cache warnings.
 
-    jax warns and compiles, but never replaces an existing entry; its warning
-    names the program, whose entries are ``<name>-<hash>-cache`` files. All
-    entries of that program go (others are compiled again once).
+    - An entry that jax could not read (e.g. a run killed while writing
+      it): jax warns and compiles, but never replaces an existing entry, so
+      all entries of that program (``<name>-<hash>-cache`` files) are
+      removed, and the program compiled instead is stored again (others of
+      that name are compiled again once).
+    - A program XLA cannot store because its buffers are split into heaps:
+      logged once per program, as what it is, instead of the warning.
     """
     show = warnings.showwarning
+    unstored = set()
 
     def showwarning(message, *args, **kwargs):
-        damaged = _DAMAGED_ENTRY.search(str(message))
+        text = str(message)
+        split = _SPLIT_HEAPS.search(text)
+        if split:
+            if split.group(1) not in unstored:
+                unstored.add(split.group(1))
+                logging.getLogger("launch").info(
+                    "%s not stored in the compilation cache: XLA split its "
+                    "buffers into heaps (--xla_multiheap_size_constraint_per_heap,"
+                    " for faster CPU steps) and cannot save such a program; it is "
+                    "compiled again on the next start",
+                    split.group(1),
+                )
+            return
+        damaged = _DAMAGED_ENTRY.search(text)
         if damaged:
             for name in os.listdir(folder):
                 if name.startswith(damaged.group(1) + "-"):

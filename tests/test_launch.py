@@ -285,6 +285,45 @@ def test_compiled_programs_are_reused_by_the_next_run(tmp_path):
     assert _probe_cache(folder)[0] == ["True", "1"]
 
 
+_SPLIT_PROBE = """
+import logging, sys, jax, jax.numpy as jnp, numpy as np
+from launch import _common
+logging.basicConfig(level=logging.INFO)
+print(_common.use_compilation_cache(sys.argv[1]))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+def sorted_pair(x):  # two sorted copies alive at once: 2 x 2 MiB of buffers
+    return jnp.sum(jnp.sort(jnp.sin(x)) * jnp.sort(jnp.cos(x))[::-1])
+
+for _ in range(2):
+    jax.jit(sorted_pair)(np.ones(1 << 19, np.float32)).block_until_ready()
+"""
+
+
+@pytest.mark.parametrize("heap", [None, 1 << 20])
+def test_a_program_with_split_heaps_is_not_stored_and_says_so(tmp_path, heap):
+    folder = tmp_path / "xla"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if heap:
+        env["XLA_FLAGS"] = f"--xla_multiheap_size_constraint_per_heap={heap}"
+    result = subprocess.run(
+        [sys.executable, "-c", _SPLIT_PROBE, str(folder)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    stored = [n for n in os.listdir(folder) if n.startswith("jit_sorted_pair-")]
+    said = "jit_sorted_pair not stored in the compilation cache: XLA split"
+    assert "Error writing persistent compilation cache" not in result.stderr
+    if heap:
+        assert stored == [] and result.stderr.count(said) == 1, result.stderr
+    else:
+        assert len(stored) == 1 and said not in result.stderr, result.stderr
+
+
 def test_the_cache_folder_expands_home_and_follows_jax_variable(monkeypatch, tmp_path):
     from launch import _common
 
