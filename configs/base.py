@@ -69,9 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
     # > 1: each device takes its gradient alone, in this many passes over
     # equal parts of its batch, and the devices average once per step: on 2
     # CPU cores 5-10 % faster for the paper's network at 32x32, batch 32
-    # (docs/benchmarks/unet.md), slower for small ones; no less memory (XLA
-    # schedules the passes together). 1: one partitioned program. The
-    # random draws differ from 1's.
+    # (docs/benchmarks/unet.md), slower for small ones; no less memory (the
+    # compiled step's buffers are as large). 1: one partitioned program.
+    # The random draws differ from 1's.
     config.train.micro_batches = 1
     config.train.num_steps = 200_000
     config.train.max_seconds = 0.0  # > 0: stop (and checkpoint) after this long

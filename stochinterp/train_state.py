@@ -117,11 +117,11 @@ def per_device_gradients(loss_fn: Callable, mesh: Mesh, micro_batches: int) -> C
 
     Each device takes the gradient of the loss on its own part of the batch,
     in ``micro_batches`` passes of equal size (their mean), and the devices
-    average once at the end: one all-reduce per step. (Not less memory: XLA
-    schedules the passes together.) The loss must be a mean over examples, so
-    that the mean over equal parts is the loss of the whole batch; the
-    per-example terms come back in device order, each device's micro-batches
-    in turn.
+    average once at the end: one all-reduce per step. (Not less memory: the
+    compiled step's buffers are about as large for any count.) The loss must
+    be a mean over examples, so that the mean over equal parts is the loss of
+    the whole batch; the per-example terms come back in device order, each
+    device's micro-batches in turn.
 
     Randomness: pass ``i`` on device ``d`` calls ``loss_fn`` with
     ``fold_in(fold_in(key, d), i)``, so every example still gets its own
