@@ -104,6 +104,27 @@ def _is_integer(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def _is_real(value) -> bool:
+    """A plain real number: int or float (NumPy scalars too), not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not (
+        isinstance(value, (bool, np.bool_))
+    )
+
+
+# Settings that must be real numbers (first_step may also be None).
+_REAL_SETTINGS = (
+    "t_min",
+    "t_max",
+    "rtol",
+    "atol",
+    "first_step",
+    "safety",
+    "min_factor",
+    "max_factor",
+    "eps_scale",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
     """What to integrate and how; hashable, so it can be a static jit argument.
@@ -148,6 +169,10 @@ class SamplerSettings:
                 f"sampler method {self.method!r} is not known; choose one of "
                 f"{list(METHODS)}"
             )
+        for name in _REAL_SETTINGS:
+            value = getattr(self, name)
+            if not (_is_real(value) or (name == "first_step" and value is None)):
+                raise ValueError(f"{name} must be a real number, got {value!r}")
         check_time_range(self.t_min, self.t_max)
         self._check_steps()
         self._check_controller()
@@ -350,7 +375,10 @@ def integrate(
         x1, info = _dopri5(field, start, settings)
     else:
         x1, info = _euler_maruyama(field, score_field, start, settings, key, frozen)
-    return x1.astype(x0.dtype), info
+    x1 = x1.astype(x0.dtype)
+    if frozen is not None:  # x0's own bits: x + 0 turns -0.0 into +0.0
+        x1 = jnp.where(frozen, x0, x1)
+    return x1, info
 
 
 def make_sampler(
@@ -444,6 +472,8 @@ def _check_inputs(x0, settings, score, key, mask) -> None:
         raise ValueError(
             "method 'euler_maruyama' with eps_scale > 0 needs a PRNG key, got None"
         )
+    if settings.method == "euler_maruyama" and key is not None:
+        _check_key(key)
     if mask is not None:
         try:
             shape = jnp.broadcast_shapes(jnp.shape(mask), jnp.shape(x0))
@@ -455,6 +485,19 @@ def _check_inputs(x0, settings, score, key, mask) -> None:
                 f"of shape {jnp.shape(x0)}"
             )
         _check_mask_values(mask)
+
+
+def _check_key(key) -> None:
+    """Raises unless ``key`` is one PRNG key: ``jax.random.key(seed)`` or a
+    raw ``uint32[2]`` one (``jax.random.PRNGKey``)."""
+    dtype, shape = getattr(key, "dtype", None), jnp.shape(key)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    raw = dtype == jnp.uint32 and shape == (2,)
+    if not ((typed and shape == ()) or raw):
+        raise ValueError(
+            "key must be one PRNG key (jax.random.key(seed)), got "
+            f"{type(key).__name__} of dtype {dtype} and shape {shape}"
+        )
 
 
 def _check_mask_values(mask) -> None:
@@ -628,6 +671,7 @@ def _dopri5(field, x0, settings):
     c = jnp.asarray(_DP_C, dtype)
     # Error weight of the stage a row evaluates (none for row 0 and the probe).
     error_weights = jnp.asarray(np.append(_DP_E, 0.0), dtype).at[0].set(0.0)
+    k0_error_weight = jnp.asarray(_DP_E[0], dtype)
     branch = jnp.asarray(_DP_BRANCH)
     no = jnp.bool_(False)
 
@@ -665,7 +709,9 @@ def _dopri5(field, x0, settings):
         row = state.row
         clipped = state.h >= t1 - state.t  # this attempt ends at t_max
         h = jnp.where(row == _PROBE, state.h, jnp.minimum(state.h, t1 - state.t))
-        t = jnp.where((row == 6) & clipped, t1, state.t + c[row] * h)
+        # At most t_max: t + c h may round one ulp past it (the probe's h0
+        # is at most t_max - t_min, computed apart).
+        t = jnp.where((row == 6) & clipped, t1, jnp.minimum(state.t + c[row] * h, t1))
         y = point(state.x, state.k0, state.stages, h, row)
         k = field(t, y)
         # A non-finite stage is stored as 0; the attempt is still rejected,
@@ -673,7 +719,7 @@ def _dopri5(field, x0, settings):
         # NaN times 0 is NaN.
         finite_k = jnp.where(jnp.isfinite(k), k, 0)
         stages = state.stages.at[jnp.clip(row - 1, 0, 5)].set(finite_k)
-        error = jnp.where(row == 1, _DP_E[0] * state.k0, state.error)
+        error = jnp.where(row == 1, k0_error_weight * state.k0, state.error)
         error = error + error_weights[row] * k
         new_h, new_row, ok = jax.lax.switch(
             branch[row],

@@ -1,6 +1,7 @@
 """Samplers against exact Gaussian answers, exact call counts and masks."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -294,6 +295,38 @@ def test_dopri5_calls_counted_exactly(overrides):
     np.testing.assert_allclose(x1, exact, rtol=50 * settings.rtol)
 
 
+@pytest.mark.parametrize("t_min, t_max", [(0.1, 0.7), (0.3, 0.45), (0.0, 0.9)])
+def test_dopri5_never_evaluates_past_t_max(t_min, t_max):
+    # The probe at t_min + h0 with h0 = t_max - t_min (a near-constant
+    # field) rounded one float32 ulp past t_max in the first two cases.
+    settings = Settings(t_min=t_min, t_max=t_max)
+
+    def run(log):
+        velocity = _counting(lambda t, x, xi: 1e-7 * x, log)
+        return samplers.integrate(velocity, jnp.ones((1, 2)), {}, settings)
+
+    (_, info), log = _run_counted(run)
+    assert bool(info.success) and float(info.t_final) == np.float32(t_max)
+    assert min(log) == np.float32(t_min) and max(log) == np.float32(t_max)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_dopri5_keeps_a_narrow_state_in_float32_under_x64(dtype):
+    with jax.enable_x64(True):
+        x0 = jnp.linspace(-1.0, 1.0, 6).reshape(2, 3).astype(dtype)
+        settings = Settings(rtol=1e-6, atol=1e-6, t_min=0.1, t_max=0.9)
+        x1, info = samplers.integrate(lambda t, x, xi: -x, x0, {}, settings)
+        assert x1.dtype == dtype and info.t_final.dtype == jnp.float32
+        assert bool(info.success)
+        exact = np.asarray(x0, np.float64) * np.exp(-0.8)
+        # Within a few tens of the tolerance (a local-error controller), or
+        # the rounding of the state's dtype.
+        tolerance = max(20 * settings.rtol, 2 * float(jnp.finfo(dtype).eps))
+        np.testing.assert_allclose(
+            np.asarray(x1, np.float64), exact, rtol=0, atol=tolerance
+        )
+
+
 def test_dopri5_rejects_steps_and_reports_running_out():
     stiff = lambda t, x, xi: -50.0 * (x - jnp.sin(10.0 * t))  # noqa: E731
     settings = Settings(rtol=1e-6, atol=1e-6, first_step=0.5)
@@ -385,6 +418,27 @@ def test_inpainting_keeps_known_pixels_bit_identical(settings):
     assert 0 < int(known.sum()) < known.size
     np.testing.assert_array_equal(x1[known], x0[known])
     assert bool(jnp.all(x1[~known] != x0[~known]))
+
+
+@pytest.mark.parametrize("method", ["euler", "heun", "dopri5", "euler_maruyama"])
+def test_known_pixels_keep_their_bits_negative_zero_included(method):
+    # x + 0 is +0.0 for x = -0.0: the known pixels are x0's own values.
+    x0 = jnp.array([[-0.0, 0.5, -0.0, -1.5]])
+    mask = jnp.array([[1.0, 0.0, 1.0, 1.0]])
+    steps = None if method == "dopri5" else 4
+    settings = Settings(method=method, num_steps=steps)
+    x1, _ = samplers.integrate(
+        lambda t, x, xi: x + 1.0,
+        x0,
+        {},
+        settings,
+        score=lambda t, x, xi: -x,
+        key=jax.random.key(0),
+        mask=mask,
+    )
+    bits = lambda a: np.asarray(a).view(np.uint32)  # noqa: E731
+    np.testing.assert_array_equal(bits(x1)[:, [0, 2, 3]], bits(x0)[:, [0, 2, 3]])
+    assert float(x1[0, 1]) != 0.5
 
 
 # ------------------------------------------------------------- sharding
@@ -528,6 +582,46 @@ def test_bad_base_sample_raises(x0, message):
     for settings in (Settings(), Settings("euler", num_steps=2)):
         with pytest.raises(ValueError, match=message):
             samplers.integrate(_toy_velocity, x0, {}, settings)
+
+
+@pytest.mark.parametrize(
+    "key, got",
+    [
+        (0, "int of dtype None and shape ()"),
+        (1.5, "float of dtype None and shape ()"),
+        (jnp.zeros(3, jnp.uint32), "dtype uint32 and shape (3,)"),
+        (jax.random.split(jax.random.key(0), 2), "dtype key<fry> and shape (2,)"),
+    ],
+)
+def test_a_bad_key_raises_before_sampling(key, got):
+    settings = Settings("euler_maruyama", num_steps=2)
+    message = re.escape("key must be one PRNG key (jax.random.key(seed)), got ")
+    with pytest.raises(ValueError, match=message + ".*" + re.escape(got)):
+        samplers.integrate(
+            _toy_velocity, jnp.ones((2, 3)), {}, settings, score=_toy_score, key=key
+        )
+    # Both kinds of one key are taken.
+    for good in (jax.random.key(0), jax.random.PRNGKey(0)):
+        samplers.integrate(
+            _toy_velocity, jnp.ones((2, 3)), {}, settings, score=_toy_score, key=good
+        )
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("rtol", None),
+        ("atol", "1e-5"),
+        ("eps_scale", 1j),
+        ("eps_scale", True),
+        ("t_min", np.array(0.1)),
+        ("first_step", "0.1"),
+    ],
+)
+def test_a_setting_that_is_not_a_real_number_is_refused(field, value):
+    message = f"{field} must be a real number, got {value!r}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Settings(**{field: value})
 
 
 def test_mask_must_be_binary():
