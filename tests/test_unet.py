@@ -487,3 +487,51 @@ def test_linear_attention_equals_the_reference_formula_per_head():
     np.testing.assert_allclose(
         np.asarray(got).reshape(2, 30, 7), expected, rtol=2e-5, atol=2e-5
     )
+
+
+def test_linear_attention_gradients_equal_the_reference_formula():
+    """Gradients of the regrouped layer equal those of the per-head formula.
+
+    The layer divides k's softmax sum out of a small product and keeps the
+    max subtraction out of differentiation; the formula below takes the
+    softmax as written, so a gradient lost or added on the way shows here.
+    """
+    heads, d = 2, 4
+    x = jax.random.normal(jax.random.key(3), (2, 4, 5, 6)) * 3.0
+    module = layers.LinearAttention(heads=heads, dim_head=d)
+    params = module.init(jax.random.key(4), x)["params"]
+    params = jax.tree.map(
+        lambda p: p + 0.3 * jax.random.normal(jax.random.key(5), p.shape), params
+    )
+    weights = jax.random.normal(jax.random.key(6), x.shape)
+
+    def reference(p, x):
+        b, hh, ww, c = x.shape
+        y = x * jax.lax.rsqrt(jnp.sum(x**2, -1, keepdims=True)) * np.sqrt(c)
+        y = (y * p["norm"]["g"]).reshape(b, hh * ww, c)
+        qkv = y @ p["to_qkv"]["conv"]["kernel"][0, 0]
+        hidden = heads * d
+        outs = []
+        for h in range(heads):
+            q = qkv[..., h * d : (h + 1) * d]
+            k = qkv[..., hidden + h * d : hidden + (h + 1) * d]
+            v = qkv[..., 2 * hidden + h * d : 2 * hidden + (h + 1) * d]
+            q = jax.nn.softmax(q, axis=-1) / np.sqrt(d)
+            k = jax.nn.softmax(k, axis=1)
+            outs.append(jnp.einsum("bnd,bde->bne", q, jnp.einsum("bnd,bne->bde", k, v)))
+        out = jnp.concatenate(outs, -1) @ p["to_out"]["conv"]["kernel"][0, 0]
+        out = out + p["to_out"]["conv"]["bias"]
+        out = out * jax.lax.rsqrt(jnp.sum(out**2, -1, keepdims=True)) * np.sqrt(c)
+        return (out * p["out_norm"]["g"]).reshape(x.shape) + x
+
+    def loss(apply):
+        return lambda p, x: jnp.sum(jnp.sin(apply(p, x)) * weights)
+
+    got = jax.grad(loss(lambda p, x: module.apply({"params": p}, x)), (0, 1))(params, x)
+    want = jax.grad(loss(reference), (0, 1))(params, x)
+    flat_got, flat_want = jax.tree.leaves(got), jax.tree.leaves(want)
+    assert len(flat_got) == len(flat_want) == 6
+    for g, w in zip(flat_got, flat_want):
+        scale = float(jnp.max(jnp.abs(w)))
+        assert scale > 1e-3
+        np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * scale)
