@@ -531,7 +531,7 @@ def test_linear_attention_gradients_equal_the_reference_formula():
     want = jax.grad(loss(reference), (0, 1))(params, x)
     flat_got, flat_want = jax.tree.leaves(got), jax.tree.leaves(want)
     assert len(flat_got) == len(flat_want) == 6
-    for g, w in zip(flat_got, flat_want):
+    for g, w in zip(flat_got, flat_want, strict=True):
         scale = float(jnp.max(jnp.abs(w)))
         assert scale > 1e-3
         np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * scale)
