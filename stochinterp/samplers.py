@@ -329,7 +329,10 @@ def integrate(
 
     Args:
       velocity: b(t, x, xi) with t a scalar of the time precision (below).
-      x0: [batch, ...] start points.
+      x0: [batch, ...] start points, finite (checked when x0 is a concrete
+        array). Dopri5's norms (first step, error) leave known entries out,
+        so inside jit, where x0 is not checked, a non-finite known entry
+        changes nothing but itself.
       xi: conditioning pytree handed to the fields unchanged.
       settings: the integrator and its parameters.
       score: score(t, x, xi); required by 'euler_maruyama' with eps_scale > 0
@@ -372,7 +375,7 @@ def integrate(
     elif settings.method == "heun":
         x1, info = _heun(field, start, settings)
     elif settings.method == "dopri5":
-        x1, info = _dopri5(field, start, settings)
+        x1, info = _dopri5(field, start, settings, frozen)
     else:
         x1, info = _euler_maruyama(field, score_field, start, settings, key, frozen)
     x1 = x1.astype(x0.dtype)
@@ -406,6 +409,7 @@ def make_sampler(
         jitted_sample = jax.jit(sample)
 
         def checked_sample(x0, xi, key=None, mask=None):
+            _check_finite_x0(x0)
             _check_mask_values(mask)
             return jitted_sample(x0, xi, key, mask)
 
@@ -415,6 +419,7 @@ def make_sampler(
 
     def sharded_sample(x0, xi, key=None, mask=None):
         sharding.check_global_batch(x0.shape[0], mesh)
+        _check_finite_x0(x0)
         _check_mask_values(mask)
 
         def place(a):
@@ -468,6 +473,7 @@ def _check_inputs(x0, settings, score, key, mask) -> None:
         raise ValueError(
             f"x0 must be a floating-point array, got dtype {jnp.result_type(x0)}"
         )
+    _check_finite_x0(x0)
     if settings.needs_score and key is None:
         raise ValueError(
             "method 'euler_maruyama' with eps_scale > 0 needs a PRNG key, got None"
@@ -497,6 +503,26 @@ def _check_key(key) -> None:
         raise ValueError(
             "key must be one PRNG key (jax.random.key(seed)), got "
             f"{type(key).__name__} of dtype {dtype} and shape {shape}"
+        )
+
+
+def _check_finite_x0(x0) -> None:
+    """Raises unless a concrete x0 is finite everywhere (traced x0 passes).
+
+    Counted where x0 lives; only the count comes to the host, and x0 itself
+    only to name the first bad entry.
+    """
+    if isinstance(x0, jax.core.Tracer):
+        return
+    if isinstance(x0, jax.Array) and not x0.is_fully_addressable:
+        return
+    bad = int(jnp.sum(~jnp.isfinite(x0)))
+    if bad:
+        values = np.asarray(x0)
+        first = tuple(int(i) for i in np.argwhere(~np.isfinite(values))[0])
+        raise ValueError(
+            f"x0 must be finite, got {bad} NaN or infinite values "
+            f"(the first at index {first}: {values[first]})"
         )
 
 
@@ -649,7 +675,7 @@ def _rms(x: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.mean(jnp.square(x)))
 
 
-def _dopri5(field, x0, settings):
+def _dopri5(field, x0, settings, frozen=None):
     """Dormand-Prince 5(4) as one loop over model calls.
 
     Every iteration makes exactly one call, at row ``state.row`` of the
@@ -688,21 +714,25 @@ def _dopri5(field, x0, settings):
             total = total + weights[s] * stages[s - 1]
         return x + h.astype(dtype) * total
 
+    def moving(x):
+        # Norms skip known entries: they do not move, and may hold anything.
+        return x if frozen is None else jnp.where(frozen, 0.0, x).astype(dtype)
+
     # Each branch returns (new h, next row, accepted), reading arrays only.
     def start(x, k0, y, k, error, h, row):
         if settings.first_step is not None:
             return jnp.asarray(settings.first_step, dtype), jnp.int32(1), no
-        return _first_step_guess(x, k, settings), jnp.int32(_PROBE), no
+        return _first_step_guess(moving(x), k, settings), jnp.int32(_PROBE), no
 
     def probe(x, k0, y, k, error, h, row):
-        return _first_step(x, k0, k, h, settings), jnp.int32(1), no
+        return _first_step(moving(x), k0, k, h, settings), jnp.int32(1), no
 
     def next_stage(x, k0, y, k, error, h, row):
         return h, row + 1, no
 
     def finish(x, k0, y, k, error, h, row):
         scale = settings.atol + settings.rtol * jnp.maximum(jnp.abs(x), jnp.abs(y))
-        ok, factor = _controller(_rms(h * error / scale), settings)
+        ok, factor = _controller(_rms(moving(h * error / scale)), settings)
         return (h * factor).astype(dtype), jnp.int32(1), ok
 
     def call(state):
