@@ -330,9 +330,11 @@ def integrate(
     Args:
       velocity: b(t, x, xi) with t a scalar of the time precision (below).
       x0: [batch, ...] start points, finite (checked when x0 is a concrete
-        array). Dopri5's norms (first step, error) leave known entries out,
-        so inside jit, where x0 is not checked, a non-finite known entry
-        changes nothing but itself.
+        array). Dopri5's norms (first step, error) are taken over the
+        entries that move: known entries neither loosen the tolerance nor,
+        inside jit where x0 is not checked, upset it with a non-finite value
+        (a field that mixes entries, such as a network, still sees that
+        value).
       xi: conditioning pytree handed to the fields unchanged.
       settings: the integrator and its parameters.
       score: score(t, x, xi); required by 'euler_maruyama' with eps_scale > 0
@@ -509,19 +511,21 @@ def _check_key(key) -> None:
 def _check_finite_x0(x0) -> None:
     """Raises unless a concrete x0 is finite everywhere (traced x0 passes).
 
-    Counted where x0 lives; only the count comes to the host, and x0 itself
-    only to name the first bad entry.
+    Checked as the sampler will see it (a float64 NumPy array becomes float32
+    without x64, where 1e39 is inf); counted where x0 lives, and x0 itself
+    comes to the host only to name the first bad entry.
     """
     if isinstance(x0, jax.core.Tracer):
         return
     if isinstance(x0, jax.Array) and not x0.is_fully_addressable:
         return
+    x0 = jnp.asarray(x0)
     bad = int(jnp.sum(~jnp.isfinite(x0)))
     if bad:
         values = np.asarray(x0)
         first = tuple(int(i) for i in np.argwhere(~np.isfinite(values))[0])
         raise ValueError(
-            f"x0 must be finite, got {bad} NaN or infinite values "
+            f"x0 must be finite, got {bad} NaN or infinite values as {x0.dtype} "
             f"(the first at index {first}: {values[first]})"
         )
 
@@ -671,8 +675,11 @@ class _Dopri5State(NamedTuple):
     calls: jax.Array  # [] int32 model calls made
 
 
-def _rms(x: jax.Array) -> jax.Array:
-    return jnp.sqrt(jnp.mean(jnp.square(x)))
+def _rms(x: jax.Array, count=None) -> jax.Array:
+    """Root mean square over ``count`` entries (default all; the others are 0)."""
+    if count is None:
+        return jnp.sqrt(jnp.mean(jnp.square(x)))
+    return jnp.sqrt(jnp.sum(jnp.square(x)) / count)
 
 
 def _dopri5(field, x0, settings, frozen=None):
@@ -714,25 +721,33 @@ def _dopri5(field, x0, settings, frozen=None):
             total = total + weights[s] * stages[s - 1]
         return x + h.astype(dtype) * total
 
+    # Norms are taken over the entries that move: known ones may hold
+    # anything, and counting them would loosen the tolerance by the share of
+    # the state they take.
+    if frozen is None:
+        count = None
+    else:
+        moving_entries = jnp.sum(jnp.broadcast_to(~frozen, x0.shape), dtype=jnp.int32)
+        count = jnp.maximum(moving_entries, 1).astype(dtype)
+
     def moving(x):
-        # Norms skip known entries: they do not move, and may hold anything.
         return x if frozen is None else jnp.where(frozen, 0.0, x).astype(dtype)
 
     # Each branch returns (new h, next row, accepted), reading arrays only.
     def start(x, k0, y, k, error, h, row):
         if settings.first_step is not None:
             return jnp.asarray(settings.first_step, dtype), jnp.int32(1), no
-        return _first_step_guess(moving(x), k, settings), jnp.int32(_PROBE), no
+        return _first_step_guess(moving(x), k, settings, count), jnp.int32(_PROBE), no
 
     def probe(x, k0, y, k, error, h, row):
-        return _first_step(moving(x), k0, k, h, settings), jnp.int32(1), no
+        return _first_step(moving(x), k0, k, h, settings, count), jnp.int32(1), no
 
     def next_stage(x, k0, y, k, error, h, row):
         return h, row + 1, no
 
     def finish(x, k0, y, k, error, h, row):
         scale = settings.atol + settings.rtol * jnp.maximum(jnp.abs(x), jnp.abs(y))
-        ok, factor = _controller(_rms(moving(h * error / scale)), settings)
+        ok, factor = _controller(_rms(moving(h * error / scale), count), settings)
         return (h * factor).astype(dtype), jnp.int32(1), ok
 
     def call(state):
@@ -816,10 +831,10 @@ def _controller(err: jax.Array, settings) -> tuple[jax.Array, jax.Array]:
     return ok, factor
 
 
-def _first_step_guess(x0, k0, settings) -> jax.Array:
+def _first_step_guess(x0, k0, settings, count=None) -> jax.Array:
     """Hairer's h0 = 0.01 |x0| / |k0| (scaled norms), at most t_max - t_min."""
     scale = settings.atol + settings.rtol * jnp.abs(x0)
-    d0, d1 = _rms(x0 / scale), _rms(k0 / scale)
+    d0, d1 = _rms(x0 / scale, count), _rms(k0 / scale, count)
     h0 = 0.01 * d0 / d1
     # Hairer's 1e-6 for tiny norms, and where a norm overflowed (h0 = 0 or
     # NaN).
@@ -828,11 +843,11 @@ def _first_step_guess(x0, k0, settings) -> jax.Array:
     return jnp.minimum(h0, settings.t_max - settings.t_min).astype(x0.dtype)
 
 
-def _first_step(x0, k0, k_probe, h0, settings) -> jax.Array:
+def _first_step(x0, k0, k_probe, h0, settings, count=None) -> jax.Array:
     """Hairer's first step from the probe k_probe = f(t0 + h0, x0 + h0 k0)."""
     scale = settings.atol + settings.rtol * jnp.abs(x0)
-    d1 = _rms(k0 / scale)
-    d2 = _rms((k_probe - k0) / scale) / h0
+    d1 = _rms(k0 / scale, count)
+    d2 = _rms((k_probe - k0) / scale, count) / h0
     biggest = jnp.maximum(d1, d2)
     h1 = jnp.where(
         biggest <= 1e-15,

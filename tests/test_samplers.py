@@ -744,3 +744,29 @@ def test_dopri5_ignores_a_nan_known_pixel_inside_jit():
     np.testing.assert_allclose(
         np.asarray(ref)[unknown], (np.asarray(x0) * np.exp(-1.5))[unknown], atol=1e-4
     )
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_non_finite_after_the_cast_to_float32_is_refused():
+    x0 = np.zeros((2, 3), np.float64)
+    x0[0, 1] = 1e39  # finite in float64, inf as float32 (x64 off)
+    settings = Settings(method="euler", num_steps=2)
+    with pytest.raises(ValueError, match=r"1 NaN or infinite values as float32"):
+        samplers.integrate(lambda t, x, xi: -x, x0, {}, settings)
+
+
+def test_dopri5_tolerance_does_not_loosen_with_known_entries():
+    """The norms average over the entries that move: one moving entry among
+    9,999 known ones takes the same steps to the same value as alone."""
+    field = lambda t, x, xi: 5.0 * jnp.cos(10.0 * t) * x  # noqa: E731
+    settings = Settings(method="dopri5", t_min=0.0, t_max=1.0, rtol=1e-6, atol=1e-6)
+    alone, alone_info = samplers.integrate(field, jnp.ones((1, 1)), {}, settings)
+    x0 = jnp.full((1, 10_000), 3.0).at[0, 0].set(1.0)
+    mask = jnp.ones_like(x0).at[0, 0].set(0.0)
+    x1, info = samplers.integrate(field, x0, {}, settings, mask=mask)
+    assert int(info.accepted_steps) == int(alone_info.accepted_steps) > 5
+    assert int(info.rejected_steps) == int(alone_info.rejected_steps)
+    np.testing.assert_allclose(float(x1[0, 0]), float(alone[0, 0]), rtol=1e-6)
+    exact = np.exp(0.5 * np.sin(10.0))
+    assert abs(float(x1[0, 0]) - exact) < 1e-5
+    np.testing.assert_array_equal(x1[0, 1:], x0[0, 1:])

@@ -535,3 +535,15 @@ def test_linear_attention_gradients_equal_the_reference_formula():
         scale = float(jnp.max(jnp.abs(w)))
         assert scale > 1e-3
         np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * scale)
+
+
+def test_linear_attention_float16_stays_finite_on_a_flat_image():
+    """exp(k - max) is 1 at every position of a flat input: summed over 128 x
+    128 positions before the softmax's division, the product with y would pass
+    float16's largest value (65504)."""
+    x = jnp.zeros((1, 128, 128, 16)).at[..., 0].set(1.0)
+    params = layers.LinearAttention().init(jax.random.key(0), x)
+    want = layers.LinearAttention().apply(params, x)
+    got = layers.LinearAttention(dtype=jnp.float16).apply(params, x)
+    assert bool(jnp.isfinite(got).all())
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2)
