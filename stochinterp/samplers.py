@@ -519,6 +519,8 @@ def _check_finite_x0(x0) -> None:
         return
     if isinstance(x0, jax.Array) and not x0.is_fully_addressable:
         return
+    if jnp.ndim(x0) < 1:  # the shape check names that first
+        return
     x0 = jnp.asarray(x0)
     bad = int(jnp.sum(~jnp.isfinite(x0)))
     if bad:

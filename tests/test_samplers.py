@@ -721,6 +721,9 @@ def test_non_finite_x0_is_refused_before_any_call(bad):
         samplers.integrate(field, jnp.asarray(x0), {}, settings)
     with pytest.raises(ValueError, match=r"x0 must be finite"):
         samplers.make_sampler(field, settings)(jnp.asarray(x0), {})
+    # A scalar is named for its shape first, NaN or not.
+    with pytest.raises(ValueError, match=r"x0 must be \[batch, \.\.\.\]"):
+        samplers.make_sampler(field, settings)(jnp.asarray(bad), {})
     assert calls == []
 
 
