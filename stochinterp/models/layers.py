@@ -562,10 +562,10 @@ class LinearAttention(nn.Module):
         k = k.astype(jnp.float32).reshape(b, h * w, hidden)
         peak = jax.lax.stop_gradient(jnp.max(k, axis=1, keepdims=True))
         e = jnp.exp(k - peak)
-        # The big operand on the right: with k on the left (k^T y), XLA's CPU
-        # product over positions ran about three times slower.
-        # Summed in float32: before the division the sum grows with the
-        # number of positions (past float16's range on flat 128 x 128 inputs).
+        # y^T e with the big operand on the right (as k^T y, XLA's CPU product
+        # over positions ran about three times slower), summed in float32:
+        # before the division it grows with the number of positions, past
+        # float16's range on flat 128 x 128 inputs.
         y_k = jnp.einsum(
             "bnc,bnk->bck",
             y,
