@@ -62,6 +62,7 @@ float tolerance.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -361,17 +362,28 @@ def integrate(
     """
     _check_inputs(x0, settings, score, key, mask)
     work = jnp.promote_types(x0.dtype, jnp.float32)
+    # The integrators work on [batch, features]: XLA's CPU kernels run
+    # element-wise passes over a narrow last axis (3 colour channels) more
+    # slowly; the reshapes are free.
+    shape = x0.shape
+    flat = (shape[0], math.prod(shape[1:]))
     # A where, not a product: a non-finite update must not reach known pixels.
-    frozen = None if mask is None else mask > 0
+    known = None if mask is None else mask > 0
+    frozen = None if known is None else jnp.broadcast_to(known, shape).reshape(flat)
+
+    def checked(fn, name, t, x):
+        state = x.reshape(shape)
+        b = _checked_output(fn(t, state, xi), state, name)
+        return b.astype(work).reshape(flat)
 
     def field(t, x):
-        b = _checked_output(velocity(t, x, xi), x, "velocity").astype(work)
+        b = checked(velocity, "velocity", t, x)
         return b if frozen is None else jnp.where(frozen, 0.0, b).astype(work)
 
     def score_field(t, x):
-        return _checked_output(score(t, x, xi), x, "score").astype(work)
+        return checked(score, "score", t, x)
 
-    start = x0.astype(work)
+    start = x0.astype(work).reshape(flat)
     if settings.method == "euler":
         x1, info = _euler(field, start, settings)
     elif settings.method == "heun":
@@ -380,9 +392,9 @@ def integrate(
         x1, info = _dopri5(field, start, settings, frozen)
     else:
         x1, info = _euler_maruyama(field, score_field, start, settings, key, frozen)
-    x1 = x1.astype(x0.dtype)
-    if frozen is not None:  # x0's own bits: x + 0 turns -0.0 into +0.0
-        x1 = jnp.where(frozen, x0, x1)
+    x1 = x1.reshape(shape).astype(x0.dtype)
+    if known is not None:  # x0's own bits: x + 0 turns -0.0 into +0.0
+        x1 = jnp.where(known, x0, x1)
     return x1, info
 
 
