@@ -809,3 +809,18 @@ def test_image_state_gives_the_bits_of_the_same_state_flat(method):
     assert image.shape == x0.shape and set(seen) == {x0.shape}
     np.testing.assert_array_equal(image.reshape(3, -1), flat)
     assert int(image_info.nfe) == int(flat_info.nfe) > 5
+
+
+@pytest.mark.parametrize("mask", [False, 0, np.float32(0.0)])
+def test_dopri5_scalar_mask_equals_the_same_mask_in_full(mask):
+    """A scalar mask broadcasts like any other: the steps and the result are
+    those of the full array of the same value (Python's ~False is -1, which
+    once made the error norm count one entry instead of twelve)."""
+    field = lambda t, x, xi: 5.0 * jnp.cos(10.0 * t) * x  # noqa: E731
+    settings = Settings(method="dopri5", t_min=0.0, t_max=1.0, rtol=1e-6, atol=1e-6)
+    x0 = jnp.linspace(0.5, 2.0, 12).reshape(2, 6)
+    full = jnp.zeros_like(x0)
+    expected, expected_info = samplers.integrate(field, x0, {}, settings, mask=full)
+    got, got_info = samplers.integrate(field, x0, {}, settings, mask=mask)
+    assert int(got_info.nfe) == int(expected_info.nfe) > 20
+    np.testing.assert_array_equal(got, expected)
