@@ -5,8 +5,9 @@
 
 The coupling is drawn on the first ``num_samples`` held-out images (their
 masks, low-resolution versions or labels condition the samples). Writes
-``DIR/samples/samples_<name>.npz`` (x0, samples, ground truth, labels for
-class-conditional models, and as JSON text ``sampling``: the sampler settings
+``DIR/samples/samples_<name>.npz`` (x0, samples, ground truth; the
+coupling's ``mask`` (1 = known pixel), image conditioning ``cond`` and
+``labels`` where it has them; and as JSON text ``sampling``: the sampler settings
 and what the sampler did, see ``pipeline.sampling_record``; the samples
 are the sampler's end points, not clipped) and
 ``DIR/samples/samples_<name>.png`` (rows: base sample x0, sample, ground
@@ -63,7 +64,8 @@ def main(argv):
         config, step, FLAGS.tag, seed=FLAGS.seed, count=FLAGS.num_samples
     )
     stem = os.path.join(workdir, "samples", f"samples_{name}")
-    labels = {} if sample.labels is None else {"labels": np.asarray(sample.labels)}
+    given = {"mask": sample.mask, "cond": sample.cond, "labels": sample.labels}
+    given = {k: np.asarray(v) for k, v in given.items() if v is not None}
     record = pipeline.sampling_record(config, info)
     np.savez(
         stem + ".npz",
@@ -71,7 +73,7 @@ def main(argv):
         samples=samples,
         ground_truth=x1,
         sampling=np.asarray(json.dumps(record)),
-        **labels,
+        **given,
     )
     evaluate.save_grid(stem + ".png", [np.clip(sample.x0, -1, 1), samples, x1])
     logging.getLogger("launch.sample").info(

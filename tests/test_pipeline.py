@@ -274,6 +274,14 @@ def test_sampling_outputs_of_other_settings_are_kept_apart(main_job):
     assert record["nfe"] == 20 and record["accepted_steps"] == 20
     assert first["samples"].shape == (4, 16, 16, 3)
     assert not np.array_equal(first["x0"], second["x0"])  # another seed's noise
+    # The coupling's mask and conditioning come with the samples; known pixels
+    # are the ground truth's, in the samples as in x0.
+    assert first["mask"].shape == (4, 16, 16, 1) and "labels" not in first
+    assert set(np.unique(first["mask"])) == {0.0, 1.0}
+    known = np.broadcast_to(first["mask"], first["samples"].shape) == 1.0
+    np.testing.assert_array_equal(first["samples"][known], first["x0"][known])
+    np.testing.assert_array_equal(first["x0"][known], first["ground_truth"][known])
+    assert first["cond"].shape[:3] == (4, 16, 16)
 
     bad = _launch("sample", config, workdir, "--tag=a/b")
     assert bad.returncode != 0
