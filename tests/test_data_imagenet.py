@@ -439,3 +439,19 @@ def test_imagenet2012_with_damaged_dataset_info_is_an_input_error(tmp_path, cont
     assert message.startswith(want)
     assert "tfds build imagenet2012" in message and "\n" not in message
     assert input_errors.is_input_error(raised.value)
+
+
+def test_empty_train_class_folders_are_named_in_a_warning(tmp_path, caplog):
+    rng = np.random.default_rng(8)
+    _two_classes(tmp_path, rng)
+    train = tmp_path / "train"
+    (train / "n00000000").mkdir()  # sorts first: label 0, no images
+    with caplog.at_level("WARNING", logger="absl"):
+        classes, files = imagenet.scan_train(str(tmp_path))
+    assert classes == ["n00000000", *CLASSES[:2]]
+    assert sorted({label for _, label in files}) == [1, 2]
+    [line] = [
+        r.getMessage() for r in caplog.records if "hold no images" in r.getMessage()
+    ]
+    assert line.startswith(f"1 of the 3 class folders under {train} hold no images (")
+    assert str(train / "n00000000") in line

@@ -8,8 +8,9 @@
 
 Images are files ending in .JPEG, .jpg, .jpeg or .png (any case); every
 other entry (files with another extension, folders inside a class folder,
-hidden ``.name`` entries, special files) is skipped and counted in the log. A
-broken symbolic link with an image extension, an image or class folder name
+hidden ``.name`` entries, special files) is skipped and counted in the log; a
+``train/`` class folder with no images keeps its label and is named in a
+warning. A broken symbolic link with an image extension, an image or class folder name
 that is not valid UTF-8, and images beside class folders (in ``train/``, or
 in ``val/`` next to its class folders) are errors, raised before building.
 
@@ -193,6 +194,17 @@ def scan_train(source_dir: str) -> tuple[list[str], list[tuple[str, int]]]:
             f"({', '.join(IMAGE_EXTENSIONS)}); {LAYOUT_HELP}"
         )
     _log_skipped(train, skipped + in_classes)
+    labelled = {label for _, label in files}
+    empty = [name for name in classes if index[name] not in labelled]
+    if empty:
+        logging.warning(
+            "%d of the %d class folders under %s hold no images (%s): their "
+            "classes keep their labels but get no training examples",
+            len(empty),
+            len(classes),
+            train,
+            _few(train, empty),
+        )
     return classes, files
 
 
