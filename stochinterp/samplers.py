@@ -735,14 +735,14 @@ def _dopri5(field, x0, settings, frozen=None):
             total = total + weights[s] * stages[s - 1]
         return x + h.astype(dtype) * total
 
-    # Norms are taken over the entries that move: known ones may hold
-    # anything, and counting them would loosen the tolerance by the share of
-    # the state they take.
+    # Norms are taken over the entries that move (frozen, of x0's shape, is
+    # True where an entry is known): known ones may hold anything, and
+    # counting them would loosen the tolerance by the share of the state
+    # they take.
     if frozen is None:
         count = None
     else:
-        moving_entries = jnp.sum(jnp.broadcast_to(~frozen, x0.shape), dtype=jnp.int32)
-        count = jnp.maximum(moving_entries, 1).astype(dtype)
+        count = jnp.maximum(jnp.sum(~frozen, dtype=jnp.int32), 1).astype(dtype)
 
     def moving(x):
         return x if frozen is None else jnp.where(frozen, 0.0, x).astype(dtype)

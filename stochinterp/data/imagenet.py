@@ -10,9 +10,10 @@ Images are files ending in .JPEG, .jpg, .jpeg or .png (any case); every
 other entry (files with another extension, folders inside a class folder,
 hidden ``.name`` entries, special files) is skipped and counted in the log; a
 ``train/`` class folder with no images keeps its label and is named in a
-warning. A broken symbolic link with an image extension, an image or class folder name
-that is not valid UTF-8, and images beside class folders (in ``train/``, or
-in ``val/`` next to its class folders) are errors, raised before building.
+warning. A broken symbolic link with an image extension, an image or class
+folder name that is not valid UTF-8, and images beside class folders (in
+``train/``, or in ``val/`` next to its class folders) are errors, raised
+before building.
 
 The class list is the sorted list of ``train/`` folder names and the label is
 the index in it (for ImageNet this is the usual sorted-synset order, the same
