@@ -1,5 +1,6 @@
 """Tests of the U-Net: exact parameter counts, conditioning modes, errors."""
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -271,6 +272,86 @@ def test_conv_equals_flax_convolution(kernel, stride, padding, use_bias):
     assert got.shape == (3, 6 // stride, 8 // stride, 10)
     np.testing.assert_allclose(
         got, np.asarray(reference.apply({"params": params}, x)), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_dense_equals_flax_dense():
+    """Same parameter names, shapes and initial values as nn.Dense with
+    PyTorch's init, and the same output bit for bit."""
+    x = jax.random.normal(jax.random.key(0), (4, 7))
+
+    class Reference(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(
+                5,
+                kernel_init=layers.torch_kernel_init,
+                bias_init=layers.torch_bias_init(x.shape[-1]),
+                name="dense",
+            )(x)
+
+    params = layers.Dense(5).init(jax.random.key(1), x)["params"]
+    ref_params = Reference().init(jax.random.key(1), x)["params"]
+    assert jax.tree.map(jnp.shape, params) == {
+        "dense": {"kernel": (7, 5), "bias": (5,)}
+    }
+    jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+    np.testing.assert_array_equal(
+        layers.Dense(5).apply({"params": params}, x),
+        Reference().apply({"params": params}, x),
+    )
+
+
+@pytest.mark.parametrize(
+    "path, shape",
+    [
+        (("time_mlp1", "dense", "kernel"), (33, 32)),
+        (("down0_block1", "block1", "norm", "scale"), (17,)),
+        (("down0_attn", "norm", "g"), (15,)),
+        (("stem", "conv", "bias"), (3,)),
+    ],
+)
+def test_a_parameter_of_the_wrong_shape_is_named_in_the_error(path, shape):
+    model = UNet(**TINY)
+    x, t = jnp.zeros((2, 8, 8, 3)), jnp.zeros(2)
+    params = model.init(jax.random.key(0), x, t)["params"]
+    node = params
+    for key in path[:-1]:
+        node = node[key]
+    expected = node[path[-1]].shape
+    node[path[-1]] = jnp.zeros(shape)
+    with pytest.raises(Exception, match=path[-1]) as error:
+        model.apply({"params": params}, x, t)
+    assert isinstance(error.value, flax.errors.ScopeParamShapeError)
+    assert str(shape) in str(error.value) and str(expected) in str(error.value)
+    assert "/".join(path[:-1]) in str(error.value)
+
+
+def test_apply_does_not_run_the_initialisers(monkeypatch):
+    """An existing parameter is returned as it is: no initialiser is called
+    (flax would trace each one to check the shape), only at init."""
+    model = UNet(**TINY)
+    x, t = jnp.zeros((2, 8, 8, 3)), jnp.zeros(2)
+    variables = model.init(jax.random.key(0), x, t)
+    calls = []
+    real = jax.random.uniform
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    # jax.random.uniform (the biases) and the module the kernels' variance
+    # scaling draws from.
+    monkeypatch.setattr(jax.random, "uniform", counted)
+    monkeypatch.setattr(jax._src.random, "uniform", counted)
+    model.apply(variables, x, t)
+    assert calls == []
+    model.init(jax.random.key(0), x, t)
+    # Every kernel and bias of the conv and dense layers draws from uniform.
+    assert len(calls) == sum(
+        1
+        for path, _ in jax.tree_util.tree_flatten_with_path(variables)[0]
+        if path[-1].key in ("kernel", "bias") and path[-2].key in ("conv", "dense")
     )
 
 
