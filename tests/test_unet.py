@@ -327,6 +327,54 @@ def test_a_parameter_of_the_wrong_shape_is_named_in_the_error(path, shape):
     assert "/".join(path[:-1]) in str(error.value)
 
 
+def test_parameters_with_partitioning_metadata_are_unboxed():
+    """Parameters boxed as flax does for sharding give the unboxed result."""
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+    for layer in (layers.Dense(4), layers.Conv(4, 3, padding=1), layers.RMSNorm()):
+        variables = layer.init(jax.random.key(1), x)
+        boxed = jax.tree.map(
+            lambda a: nn.Partitioned(a, names=(None,) * a.ndim), variables
+        )
+        np.testing.assert_array_equal(layer.apply(boxed, x), layer.apply(variables, x))
+
+
+@pytest.mark.parametrize("apply", [False, True])
+def test_a_parameter_declared_twice_raises(apply):
+    class Twice(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            w = layers.param(self, "w", nn.initializers.ones, (3,), jnp.float32)
+            v = layers.param(self, "w", nn.initializers.ones, (3,), jnp.float32)
+            return x * w * v
+
+    x = jnp.ones((2, 3))
+    with pytest.raises(ValueError, match='Duplicate use of scope name: "w"'):
+        if apply:
+            Twice().apply({"params": {"w": jnp.ones(3)}}, x)
+        else:
+            Twice().init(jax.random.key(0), x)
+
+
+def test_a_layer_called_twice_shares_its_parameters():
+    class Shared(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            dense = layers.Dense(3)
+            return dense(jnp.tanh(dense(x)))
+
+    x = jax.random.normal(jax.random.key(0), (2, 3))
+    params = Shared().init(jax.random.key(1), x)["params"]
+    assert jax.tree.map(jnp.shape, params) == {
+        "Dense_0": {"dense": {"kernel": (3, 3), "bias": (3,)}}
+    }
+    w, b = params["Dense_0"]["dense"]["kernel"], params["Dense_0"]["dense"]["bias"]
+    np.testing.assert_allclose(
+        Shared().apply({"params": params}, x),
+        jnp.tanh(x @ w + b) @ w + b,
+        rtol=1e-6,
+    )
+
+
 def test_apply_does_not_run_the_initialisers(monkeypatch):
     """An existing parameter is returned as it is: no initialiser is called
     (flax would trace each one to check the shape), only at init."""

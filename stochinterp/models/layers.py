@@ -19,6 +19,7 @@ import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import meta
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -40,14 +41,16 @@ def param(
     Called from a compact method. When the parameter already exists (apply,
     or a second call during init) flax checks its shape by tracing ``init``
     under ``jax.eval_shape``, about 1 ms per parameter on a CPU: a third of
-    the time it takes to trace the whole U-Net. Here the shape is compared
-    directly and ``init`` is not traced; the same error is raised on a
-    mismatch. Creating a parameter goes through ``module.param`` unchanged.
+    the time it takes to trace the whole U-Net. Here the name is reserved,
+    the value unboxed (partitioning metadata) and its shape compared
+    directly, as flax does, but ``init`` is not traced; the same errors are
+    raised. Creating a parameter goes through ``module.param`` unchanged.
     """
     shape = tuple(shape)
     if not module.has_variable("params", name):
         return module.param(name, init, shape, dtype)
-    value = module.get_variable("params", name)
+    module.scope.reserve(name, "params")  # a second declaration raises
+    value = meta.unbox(module.get_variable("params", name))
     if jnp.shape(value) != shape:
         raise flax.errors.ScopeParamShapeError(
             name, module.scope.path_text, jnp.shape(value), shape
