@@ -418,6 +418,11 @@ def check_time_range(
             f"time range must satisfy 0 <= t_min < t_max <= 1, got "
             f"t_min={t_min}, t_max={t_max}"
         )
+    if np.float32(t_min) >= np.float32(t_max):
+        raise ValueError(
+            f"t_min={t_min} and t_max={t_max} are the same number in float32, "
+            "the precision times are computed in; widen the time range"
+        )
     if interpolant is not None and interpolant.singular_ends:
         if t_min <= 0.0 or t_max >= 1.0:
             raise ValueError(

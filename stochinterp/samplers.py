@@ -360,6 +360,8 @@ def integrate(
       ValueError: on a bad x0, mask, key or missing score; while tracing, when
         a field returns an array whose shape is not the state's.
     """
+    x0 = jnp.asarray(x0)  # NumPy arrays and nested lists too
+    mask = None if mask is None else jnp.asarray(mask)
     _check_inputs(x0, settings, score, key, mask)
     work = jnp.promote_types(x0.dtype, jnp.float32)
     # The integrators work on [batch, features]: XLA's CPU kernels run
@@ -559,6 +561,11 @@ def _check_mask_values(mask) -> None:
 
 def _checked_output(b, x: jax.Array, name: str) -> jax.Array:
     """The field's output, if it has the state's shape and a float dtype."""
+    if not (hasattr(b, "shape") and hasattr(b, "dtype")):
+        raise ValueError(
+            f"the {name} field returned a {type(b).__name__}; it must return an "
+            f"array of the state's shape {x.shape}"
+        )
     if jnp.shape(b) != x.shape:
         raise ValueError(
             f"the {name} field returned shape {jnp.shape(b)} for a state of "

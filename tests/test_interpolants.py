@@ -145,6 +145,12 @@ def test_time_range_checks():
         interpolants.check_time_range(0.0, 0.9, noisy)
     with pytest.raises(ValueError, match="t_max=1.0"):
         interpolants.check_time_range(0.1, 1.0, noisy)
+    # Distinct as Python floats, one number in float32.
+    with pytest.raises(ValueError, match="same number in float32"):
+        interpolants.check_time_range(0.5, 0.5 + 1e-9)
+    with pytest.raises(ValueError, match="same number in float32"):
+        interpolants.check_time_range(1e-300, 2e-300)
+    interpolants.check_time_range(0.5, 0.5 + 1e-7)  # float32 steps of 6e-8 here
 
 
 def test_sample_times_cover_the_range():

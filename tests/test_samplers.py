@@ -572,6 +572,32 @@ def test_field_of_the_wrong_shape_raises_while_tracing(method):
 
 
 @pytest.mark.parametrize(
+    "returned, name",
+    [(lambda x: (x,), "tuple"), (lambda x: None, "NoneType"), (lambda x: 1.0, "float")],
+)
+def test_field_returning_no_array_is_named(returned, name):
+    x0 = jnp.ones((4, 3))
+    message = f"velocity field returned a {name}; it must return an array"
+    for settings in (Settings(), Settings("euler", num_steps=2)):
+        with pytest.raises(ValueError, match=message):
+            samplers.integrate(lambda t, x, xi: returned(x), x0, {}, settings)
+
+
+@pytest.mark.parametrize("method", ["euler", "dopri5"])
+def test_nested_lists_give_the_result_of_arrays(method):
+    """x0 and mask as Python lists, as NumPy would take them."""
+    settings = Settings(method, num_steps=None if method == "dopri5" else 4)
+    x0 = [[[0.5], [-1.0]], [[0.25], [2.0]]]
+    mask = [[[1.0], [0.0]]]
+    got, _ = samplers.integrate(_toy_velocity, x0, {}, settings, mask=mask)
+    want, _ = samplers.integrate(
+        _toy_velocity, jnp.asarray(x0), {}, settings, mask=jnp.asarray(mask)
+    )
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got[:, 0], jnp.asarray(x0)[:, 0])
+
+
+@pytest.mark.parametrize(
     "x0, message",
     [
         (jnp.ones((2, 3), jnp.int32), "floating-point.*int32"),
