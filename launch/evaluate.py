@@ -41,6 +41,7 @@ def main(argv):
     pipeline.check_inpainting(config)
     pipeline.validate_sampling(config, mesh)
     pipeline.check_trained_workdir(config, workdir)
+    pipeline.check_output_folder(workdir)
     pipeline.check_held_out_size(config, config.eval.num_images)
     model, variables, step = pipeline.load_variables(
         config, workdir, mesh, config.eval.use_ema

@@ -51,6 +51,7 @@ def main(argv):
     mesh = sharding.make_mesh()
     pipeline.validate_sampling(config, mesh, FLAGS.num_samples, FLAGS.seed)
     pipeline.check_trained_workdir(config, workdir)
+    pipeline.check_output_folder(workdir)
     pipeline.check_held_out_size(config, FLAGS.num_samples)
     model, variables, step = pipeline.load_variables(
         config, workdir, mesh, config.eval.use_ema

@@ -27,6 +27,7 @@ from stochinterp import (
     train,
 )
 from stochinterp import data as data_lib
+from stochinterp import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,21 @@ def check_trained_workdir(config, workdir: str) -> None:
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise _no_checkpoint(workdir)
     train.check_saved_config(workdir, config)
+
+
+@input_errors.checks
+def check_output_folder(workdir: str) -> None:
+    """Raises unless ``workdir/samples`` is, or can be made, a writable folder.
+
+    Launchers that write samples or pictures there call it before any work.
+    """
+    folder = os.path.join(workdir, "samples")
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(
+            f"{folder!r} is not a folder: sampling writes its outputs there; "
+            "move that file out of the way"
+        )
+    workdir_lib.ensure_writable(folder)
 
 
 @input_errors.checks

@@ -185,8 +185,7 @@ def check_saved_config(
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        saved = _flatten(json.load(f))
+    saved = _flatten(_read_saved_config(path))
     now = _flatten(json.loads(config.to_json_best_effort()))
     fields = _RESUME_FIELDS if resume else _FIXED_FIELDS
     fixed = [k for k in set(saved) | set(now) if k.startswith(fields)]
@@ -199,6 +198,25 @@ def check_saved_config(
             f"workdir {workdir!r} holds a run with another config ({diffs}); use "
             "the config it was trained with, or another --workdir"
         )
+
+
+def _read_saved_config(path: str) -> dict:
+    """The config a workdir was trained with, as the dict ``config.json`` holds."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeError too
+        raise ValueError(
+            f"cannot read the run's saved config {path!r} ({e}); restore the "
+            "file that training wrote, or use another --workdir"
+        ) from None
+    if not isinstance(saved, dict):
+        raise ValueError(
+            f"the run's saved config {path!r} holds a JSON {type(saved).__name__}, "
+            "expected an object of config fields; restore the file that training "
+            "wrote, or use another --workdir"
+        )
+    return saved
 
 
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -1,6 +1,7 @@
 """The launcher refuses bad input at once, with the value in the message."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -201,6 +202,53 @@ def test_a_config_of_another_run_is_refused_before_any_data_is_built(
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "another config" in result.stderr and "data.image_size" in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def _fake_trained_workdir(tmp_path):
+    """A workdir that passes the cheap checks: checkpoints/ and config.json."""
+    sys.path.insert(0, REPO)
+    from configs import inpaint_photos16
+
+    workdir = tmp_path / "wd"
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "config.json").write_text(
+        inpaint_photos16.get_config().to_json_best_effort()
+    )
+    return workdir
+
+
+@pytest.mark.parametrize("launcher", ["sample", "evaluate"])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{garbage", "cannot read the run's saved config .*config.json.*Expecting"),
+        ("[1, 2]", "config.json' holds a JSON list, expected an object"),
+    ],
+)
+def test_a_damaged_saved_config_is_named_in_one_line(tmp_path, launcher, text, message):
+    workdir = _fake_trained_workdir(tmp_path)
+    (workdir / "config.json").write_text(text)
+    result = run_train("--workdir", str(workdir), tmp_path=tmp_path, launcher=launcher)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and re.search(message, last), last
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("launcher", ["sample", "evaluate"])
+def test_a_file_in_place_of_the_samples_folder_is_refused_before_work(
+    tmp_path, launcher
+):
+    workdir = _fake_trained_workdir(tmp_path)
+    (workdir / "samples").write_text("not a folder")
+    result = run_train("--workdir", str(workdir), tmp_path=tmp_path, launcher=launcher)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"error: {str(workdir / 'samples')!r} is not a folder: sampling writes its "
+        "outputs there; move that file out of the way"
+    ), last
     assert not (tmp_path / "data").exists()
 
 
