@@ -20,9 +20,11 @@ Faults:
 * A latest checkpoint that cannot be read (or has no data iterator
   position) stops the run with an error naming it and the latest earlier
   checkpoint that reads; nothing is moved or deleted.
-* SIGTERM (or the ``train.max_seconds`` budget) saves a checkpoint and
-  returns with ``TrainResult.preempted`` (``out_of_time``). With several
-  processes they agree to stop at the next log or checkpoint step.
+* SIGTERM or a first Ctrl-C (or the ``train.max_seconds`` budget) saves a
+  checkpoint and returns with ``TrainResult.preempted`` (``out_of_time``);
+  a second Ctrl-C ends the process at once (the last complete checkpoint
+  stays). With several processes they agree to stop at the next log or
+  checkpoint step.
 * A non-finite loss or gradient freezes the state inside the step; the host
   sees it at the next log or checkpoint step and raises FloatingPointError
   naming the step. No checkpoint with a non-finite value is ever written.
@@ -70,7 +72,8 @@ class TrainResult:
       history: per-step host values, e.g. ``history['mse'][i]`` for step i
         of this run (steps before a resume are not included).
       first_step: the step this run started from (0, or the resumed step).
-      preempted: True when SIGTERM ended the run before ``train.num_steps``.
+      preempted: True when SIGTERM or Ctrl-C ended the run before
+        ``train.num_steps``.
       out_of_time: True when ``train.max_seconds`` ended the run early.
     """
 
@@ -324,26 +327,51 @@ def make_step_fn(config: ml_collections.ConfigDict, loss_fn, optimizer, mesh: Me
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag that the loop checks between steps."""
+    """Turns SIGTERM and a first Ctrl-C into a flag the loop checks between steps.
+
+    Either signal asks for a checkpoint and a clean stop after the current
+    step; a second Ctrl-C ends the process at once, as an unhandled Ctrl-C
+    would, leaving the last complete checkpoint. The handlers stay until the
+    final checkpoint is written, then the previous ones come back.
+    """
+
+    _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
 
     def __enter__(self):
         def handler(signum, frame):
-            log.warning("SIGTERM received: saving a checkpoint and stopping")
+            if signum == signal.SIGINT and self.requested:
+                # A KeyboardInterrupt raised here can land in a garbage
+                # collector callback, where Python ignores it: end the
+                # process as an unhandled Ctrl-C does.
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            if signum == signal.SIGINT:
+                log.warning(
+                    "Ctrl-C received: saving a checkpoint after this step and "
+                    "stopping (Ctrl-C again to stop at once, without saving)"
+                )
+            else:
+                log.warning(
+                    "SIGTERM received: saving a checkpoint after this step and stopping"
+                )
             self.requested = True
 
-        try:
-            self._previous = signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not in the main thread: leave signals alone
-            self._previous = None
+        for number in self._SIGNALS:
+            try:
+                self._previous[number] = signal.signal(number, handler)
+            except ValueError:  # not in the main thread: leave signals alone
+                pass
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous = {}
 
 
 class _StopRule:
@@ -545,6 +573,12 @@ class _Loop:
     def run(self, state: ts.TrainState, step: int) -> tuple[ts.TrainState, int]:
         """Steps until ``train.num_steps`` or an early stop; returns (state, step)."""
         tc = self.config.train
+        if step < tc.num_steps:
+            first_log = min((step // tc.log_every + 1) * tc.log_every, tc.num_steps)
+            log.info(
+                "compiling the training step; the first progress line comes at step %d",
+                first_log,
+            )
         while step < tc.num_steps:
             batch = _model_inputs(next(self.loader), self.config)
             state, metrics = self.step_fn(state, sharding.shard_batch(batch, self.mesh))
@@ -576,7 +610,7 @@ def train(
     value raises before the workdir, the data or the network is touched),
     then training resumes from the latest complete checkpoint if there is
     one. Checkpoints are written every ``train.checkpoint_every`` steps, at
-    the end and when stopped early (SIGTERM or ``train.max_seconds``).
+    the end and when stopped early (SIGTERM, Ctrl-C or ``train.max_seconds``).
 
     Args:
       config: the full config (see ``configs/base.py``).
@@ -666,8 +700,10 @@ def _run(config, workdir, mesh, coupling, model, loss_fn, optimizer) -> TrainRes
         tc.async_checkpoint,
         remove_unfinished=True,
     )
-    try:
-        with _Preemption() as preemption:  # from here SIGTERM stops cleanly
+    # From here SIGTERM and a first Ctrl-C stop cleanly, until the last
+    # checkpoint is written.
+    with _Preemption() as preemption:
+        try:
             state, first_step = _start_state(
                 config, model, optimizer, coupling, manager, loader, mesh
             )
@@ -683,16 +719,18 @@ def _run(config, workdir, mesh, coupling, model, loss_fn, optimizer) -> TrainRes
                 stop_rule,
             )
             state, step = loop.run(state, first_step)
-    finally:
-        manager.wait_until_finished()
-        manager.close()
+        finally:
+            manager.wait_until_finished()
+            manager.close()
 
     if stop_rule.out_of_time:
         log.info(
             "time budget train.max_seconds=%s reached at step %d", tc.max_seconds, step
         )
     if stop_rule.preempted:
-        log.info("stopped by SIGTERM at step %d; the checkpoint is saved", step)
+        log.info(
+            "stopped by SIGTERM or Ctrl-C at step %d; the checkpoint is saved", step
+        )
     return TrainResult(
         state, logger.history, first_step, stop_rule.preempted, stop_rule.out_of_time
     )

@@ -140,7 +140,12 @@ def test_nan_stops_the_run_naming_the_step_and_leaves_finite_checkpoints(
         assert int(arrays[".bad_step"]) == -1
 
 
-def test_sigterm_saves_exits_0_without_evaluating_and_the_rerun_resumes(root, tmp_path):
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"]
+)
+def test_sigterm_or_ctrl_c_saves_exits_0_without_evaluating_and_the_rerun_resumes(
+    root, tmp_path, signum
+):
     workdir = str(tmp_path)
     env = helpers.env(root, devices=2)
     command = helpers.launcher_command(
@@ -150,7 +155,7 @@ def test_sigterm_saves_exits_0_without_evaluating_and_the_rerun_resumes(root, tm
         command, env=env, cwd=helpers.REPO, stderr=subprocess.PIPE, text=True
     )
     helpers.wait_for_log_line(os.path.join(workdir, "train_log.jsonl"), process, 300)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
 
     assert process.returncode == 0, stderr[-4000:]

@@ -568,6 +568,35 @@ def test_sigterm_sets_the_flag_and_the_old_handler_comes_back():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_first_ctrl_c_sets_the_flag_and_the_old_handler_comes_back():
+    before = signal.getsignal(signal.SIGINT)
+    with train._Preemption() as preemption:
+        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt
+        rule = train._StopRule(preemption, 0.0)
+        assert rule.should_stop(False)
+        assert rule.preempted and not rule.out_of_time
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_second_ctrl_c_ends_the_process_at_once():
+    script = (
+        "import os, signal, time\n"
+        "from stochinterp import train\n"
+        "with train._Preemption() as p:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    print('flag', p.requested, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(30)\n"
+        "print('not reached')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == -signal.SIGINT, done.stderr
+    assert done.stdout == "flag True\n"
+    assert "Ctrl-C received: saving a checkpoint after this step" in done.stderr
+
+
 def test_the_time_budget_stops_after_it_is_spent():
     rule = train._StopRule(train._Preemption(), max_seconds=0.05)
     assert not rule.should_stop(True)
