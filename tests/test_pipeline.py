@@ -323,3 +323,20 @@ def test_the_main_job_beats_the_mean_fill_baseline(tmp_path):
     gain = metrics["psnr_hidden_sample"] - metrics["psnr_hidden_mean_fill"]
     assert gain > 2.0, metrics
     assert metrics["mse_ratio_last_first"] < 0.5, metrics
+
+
+def test_a_workdir_without_its_config_is_sampled_with_a_warning(tmp_path, caplog):
+    config = inpaint_photos16.get_config()
+    (tmp_path / "checkpoints").mkdir()
+    with caplog.at_level("WARNING", logger="stochinterp.pipeline"):
+        pipeline.check_trained_workdir(config, str(tmp_path))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path} has no config.json (training writes one): the config given "
+        "here cannot be checked against the run's; sampling with another "
+        "coupling or path gives wrong results without an error"
+    ]
+    caplog.clear()
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    with caplog.at_level("WARNING", logger="stochinterp.pipeline"):
+        pipeline.check_trained_workdir(config, str(tmp_path))
+    assert caplog.records == []
