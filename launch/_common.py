@@ -184,20 +184,33 @@ def one_line_input_errors(main):
     An error raised by a check before any work (``stochinterp.input_errors``)
     is printed as ``error: ...`` without a traceback, unless
     ``STOCHINTERP_TRACEBACK=1``; every other exception keeps its traceback.
+    A Ctrl-C that reaches it ends with ``error: interrupted by Ctrl-C`` and
+    exit status 130.
     """
 
     def wrapped(argv):
         try:
             return main(argv)
+        except KeyboardInterrupt:
+            # Training handles Ctrl-C itself once its loop runs; before that
+            # (building data, loading, sampling) there is nothing to save.
+            if _traceback_wanted():
+                raise
+            print("error: interrupted by Ctrl-C", file=sys.stderr)
+            raise SystemExit(130) from None
         except Exception as e:
             from stochinterp.input_errors import is_input_error  # no jax import
 
-            wanted = os.environ.get("STOCHINTERP_TRACEBACK", "")
-            if is_input_error(e) and wanted.lower() in ("", "0", "false", "no"):
+            if is_input_error(e) and not _traceback_wanted():
                 _exit_with(e)
             raise
 
     return wrapped
+
+
+def _traceback_wanted() -> bool:
+    wanted = os.environ.get("STOCHINTERP_TRACEBACK", "")
+    return wanted.lower() not in ("", "0", "false", "no")
 
 
 _TAG_CHARACTERS = re.compile(r"[A-Za-z0-9._-]*")

@@ -133,13 +133,6 @@ def check_trained_workdir(config, workdir: str) -> None:
     """
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise _no_checkpoint(workdir)
-    if not os.path.lexists(os.path.join(workdir, "config.json")):
-        log.warning(
-            "%s has no config.json (training writes one): the config given here "
-            "cannot be checked against the run's; sampling with another "
-            "coupling or path gives wrong results without an error",
-            workdir,
-        )
     train.check_saved_config(workdir, config)
 
 
@@ -167,6 +160,13 @@ def load_variables(config, workdir: str, mesh, use_ema: bool):
     """
     directory = os.path.join(workdir, "checkpoints")
     check_trained_workdir(config, workdir)
+    if not os.path.lexists(os.path.join(workdir, "config.json")):
+        log.warning(
+            "%s has no config.json (training writes one): the config given here "
+            "cannot be checked against the run's; sampling with another "
+            "coupling or path gives wrong results without an error",
+            workdir,
+        )
     _, _, model, _, optimizer = train.setup(config, mesh)
     template = jax.eval_shape(
         lambda: train.init_state(

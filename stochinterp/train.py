@@ -72,8 +72,8 @@ class TrainResult:
       history: per-step host values, e.g. ``history['mse'][i]`` for step i
         of this run (steps before a resume are not included).
       first_step: the step this run started from (0, or the resumed step).
-      preempted: True when SIGTERM or Ctrl-C ended the run before
-        ``train.num_steps``.
+      preempted: True when SIGTERM or Ctrl-C ended the run (also when it came
+        during the last step or the final save).
       out_of_time: True when ``train.max_seconds`` ended the run early.
     """
 
@@ -332,38 +332,39 @@ class _Preemption:
     Either signal asks for a checkpoint and a clean stop after the current
     step; a second Ctrl-C ends the process at once, as an unhandled Ctrl-C
     would, leaving the last complete checkpoint. The handlers stay until the
-    final checkpoint is written, then the previous ones come back.
+    final checkpoint is written, then the previous ones come back. A Ctrl-C
+    the process was started to ignore (a background job) stays ignored.
     """
-
-    _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
+        self._ctrl_c = 0
         self._previous = {}
 
-    def __enter__(self):
-        def handler(signum, frame):
-            if signum == signal.SIGINT and self.requested:
+    def _handler(self, signum, frame):
+        if signum == signal.SIGINT:
+            self._ctrl_c += 1
+            if self._ctrl_c > 1:
                 # A KeyboardInterrupt raised here can land in a garbage
                 # collector callback, where Python ignores it: end the
                 # process as an unhandled Ctrl-C does.
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 os.kill(os.getpid(), signal.SIGINT)
                 return
-            if signum == signal.SIGINT:
-                log.warning(
-                    "Ctrl-C received: saving a checkpoint after this step and "
-                    "stopping (Ctrl-C again to stop at once, without saving)"
-                )
-            else:
-                log.warning(
-                    "SIGTERM received: saving a checkpoint after this step and stopping"
-                )
-            self.requested = True
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        log.warning(
+            "%s received: saving a checkpoint after this step and stopping "
+            "(Ctrl-C twice to stop at once, without saving)",
+            name,
+        )
+        self.requested = True
 
-        for number in self._SIGNALS:
+    def __enter__(self):
+        for number in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(number) is signal.SIG_IGN:
+                continue
             try:
-                self._previous[number] = signal.signal(number, handler)
+                self._previous[number] = signal.signal(number, self._handler)
             except ValueError:  # not in the main thread: leave signals alone
                 pass
         return self
@@ -574,7 +575,11 @@ class _Loop:
         """Steps until ``train.num_steps`` or an early stop; returns (state, step)."""
         tc = self.config.train
         if step < tc.num_steps:
-            first_log = min((step // tc.log_every + 1) * tc.log_every, tc.num_steps)
+            first_log = min(
+                _next_multiple(step, tc.log_every),
+                _next_multiple(step, tc.checkpoint_every),
+                tc.num_steps,
+            )
             log.info(
                 "compiling the training step; the first progress line comes at step %d",
                 first_log,
@@ -599,6 +604,11 @@ class _Loop:
             if stop:
                 break
         return state, step
+
+
+def _next_multiple(step: int, every: int) -> int:
+    """The first multiple of ``every`` after ``step``."""
+    return (step // every + 1) * every
 
 
 def train(
@@ -723,14 +733,17 @@ def _run(config, workdir, mesh, coupling, model, loss_fn, optimizer) -> TrainRes
             manager.wait_until_finished()
             manager.close()
 
-    if stop_rule.out_of_time:
+    # A stop asked during the last step or while the final checkpoint was
+    # written still ends the run as stopped (no evaluation follows), on every
+    # process alike.
+    preempted = sharding.any_process(preemption.requested)
+    out_of_time = stop_rule.out_of_time and not preempted
+    if out_of_time:
         log.info(
             "time budget train.max_seconds=%s reached at step %d", tc.max_seconds, step
         )
-    if stop_rule.preempted:
+    if preempted:
         log.info(
             "stopped by SIGTERM or Ctrl-C at step %d; the checkpoint is saved", step
         )
-    return TrainResult(
-        state, logger.history, first_step, stop_rule.preempted, stop_rule.out_of_time
-    )
+    return TrainResult(state, logger.history, first_step, preempted, out_of_time)

@@ -31,8 +31,7 @@ def ensure_writable(workdir: str, subdirs: tuple[str, ...] = ()) -> str:
     """
     path = _folder_path(workdir)
     try:
-        for sub in ("", *subdirs):
-            os.makedirs(os.path.join(path, sub), exist_ok=True)
+        os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write_test.{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
@@ -42,6 +41,15 @@ def ensure_writable(workdir: str, subdirs: tuple[str, ...] = ()) -> str:
             f"workdir {workdir!r} is not writable ({e.strerror}); choose another "
             "--workdir or fix its permissions"
         ) from e
+    for sub in subdirs:
+        folder = os.path.join(path, sub)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise PermissionError(
+                f"cannot make the folder {folder!r} in the workdir ({e.strerror}); "
+                "move what is in the way, or choose another --workdir"
+            ) from e
     return path
 
 

@@ -464,3 +464,33 @@ def test_bad_seeds_and_process_settings_are_one_line(
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == message
     assert os.listdir(workdir) == [] if launcher == "sample" else not workdir.exists()
+
+
+def test_a_file_in_place_of_a_workdir_folder_is_named(tmp_path):
+    workdir = tmp_path / "wd"
+    workdir.mkdir()
+    (workdir / "samples").write_text("not a folder")
+    result = run_train("--workdir", str(workdir), tmp_path=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"error: cannot make the folder {str(workdir / 'samples')!r} in the workdir "
+        "(File exists); move what is in the way, or choose another --workdir"
+    ), last
+
+
+def test_a_ctrl_c_outside_the_training_loop_ends_with_one_line(capsys, monkeypatch):
+    sys.path.insert(0, REPO)
+    from launch import _common
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("STOCHINTERP_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        _common.one_line_input_errors(interrupted)([])
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "error: interrupted by Ctrl-C\n"
+    monkeypatch.setenv("STOCHINTERP_TRACEBACK", "1")
+    with pytest.raises(KeyboardInterrupt):
+        _common.one_line_input_errors(interrupted)([])

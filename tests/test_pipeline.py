@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+import signal
 
 import jax
 import numpy as np
@@ -325,18 +327,53 @@ def test_the_main_job_beats_the_mean_fill_baseline(tmp_path):
     assert metrics["mse_ratio_last_first"] < 0.5, metrics
 
 
-def test_a_workdir_without_its_config_is_sampled_with_a_warning(tmp_path, caplog):
-    config = inpaint_photos16.get_config()
-    (tmp_path / "checkpoints").mkdir()
+def test_a_workdir_without_its_config_is_sampled_with_one_warning(
+    main_job, tmp_path, caplog
+):
+    config, workdir, _ = main_job
+    shutil.copytree(
+        os.path.join(workdir, "checkpoints"), tmp_path / "checkpoints", symlinks=True
+    )
+    mesh = pipeline.sharding.make_mesh()
     with caplog.at_level("WARNING", logger="stochinterp.pipeline"):
         pipeline.check_trained_workdir(config, str(tmp_path))
+        _, _, step = pipeline.load_variables(config, str(tmp_path), mesh, True)
+    assert step == config.train.num_steps
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path} has no config.json (training writes one): the config given "
         "here cannot be checked against the run's; sampling with another "
         "coupling or path gives wrong results without an error"
     ]
     caplog.clear()
-    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    shutil.copy(os.path.join(workdir, "config.json"), tmp_path / "config.json")
     with caplog.at_level("WARNING", logger="stochinterp.pipeline"):
-        pipeline.check_trained_workdir(config, str(tmp_path))
+        pipeline.load_variables(config, str(tmp_path), mesh, True)
     assert caplog.records == []
+
+
+def test_a_sigterm_during_the_final_save_ends_the_run_unevaluated(
+    tmp_path, monkeypatch, caplog
+):
+    """The stop asked while the last checkpoint is written is honoured."""
+    config = tiny_config(tmp_path / "data")
+    config.train.num_steps = 2
+    real_save = pipeline.train.checkpointing.save
+
+    def save_then_sigterm(manager, step, *args, **kwargs):
+        real_save(manager, step, *args, **kwargs)
+        if step == config.train.num_steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(pipeline.train.checkpointing, "save", save_then_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    workdir = tmp_path / "workdir"
+    with caplog.at_level("INFO"):
+        assert pipeline.train_and_evaluate(config, str(workdir)) == {}
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+    assert not (workdir / "metrics.json").exists()
+    messages = [r.getMessage() for r in caplog.records]
+    assert "stopped by SIGTERM or Ctrl-C at step 2; the checkpoint is saved" in messages
+    assert "compiling the training step; the first progress line comes at step 2" in (
+        messages
+    )

@@ -579,10 +579,12 @@ def test_a_first_ctrl_c_sets_the_flag_and_the_old_handler_comes_back():
 
 
 def test_a_second_ctrl_c_ends_the_process_at_once():
+    """Only the second Ctrl-C: a SIGTERM before the first one does not count."""
     script = (
         "import os, signal, time\n"
         "from stochinterp import train\n"
         "with train._Preemption() as p:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
         "    print('flag', p.requested, flush=True)\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
@@ -594,7 +596,21 @@ def test_a_second_ctrl_c_ends_the_process_at_once():
     )
     assert done.returncode == -signal.SIGINT, done.stderr
     assert done.stdout == "flag True\n"
-    assert "Ctrl-C received: saving a checkpoint after this step" in done.stderr
+    for name in ("SIGTERM", "Ctrl-C"):
+        assert f"{name} received: saving a checkpoint after this step" in done.stderr
+
+
+def test_an_ignored_ctrl_c_stays_ignored():
+    """A background job started with SIGINT ignored is not stopped by it."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with train._Preemption() as preemption:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            assert not preemption.requested
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_the_time_budget_stops_after_it_is_spent():
