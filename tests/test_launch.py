@@ -22,6 +22,14 @@ def run_train(*args, tmp_path, launcher="train"):
     )
 
 
+def one_line_error(result) -> str:
+    """The last line of a launcher that ended with an input error (exit 1)."""
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), last
+    return last
+
+
 def test_unknown_override_key_is_named(tmp_path):
     result = run_train(
         "--workdir",
@@ -230,9 +238,8 @@ def test_a_damaged_saved_config_is_named_in_one_line(tmp_path, launcher, text, m
     workdir = _fake_trained_workdir(tmp_path)
     (workdir / "config.json").write_text(text)
     result = run_train("--workdir", str(workdir), tmp_path=tmp_path, launcher=launcher)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and re.search(message, last), last
+    last = one_line_error(result)
+    assert re.search(message, last), last
     assert not (tmp_path / "data").exists()
 
 
@@ -243,8 +250,7 @@ def test_a_file_in_place_of_the_samples_folder_is_refused_before_work(
     workdir = _fake_trained_workdir(tmp_path)
     (workdir / "samples").write_text("not a folder")
     result = run_train("--workdir", str(workdir), tmp_path=tmp_path, launcher=launcher)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
+    last = one_line_error(result)
     assert last == (
         f"error: {str(workdir / 'samples')!r} is not a folder: sampling writes its "
         "outputs there; move that file out of the way"
@@ -290,9 +296,8 @@ def test_checks_that_need_the_network_or_the_data_create_no_workdir(
     tmp_path, args, message
 ):
     result = run_train("--workdir", str(tmp_path / "wd"), *args, tmp_path=tmp_path)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last, last
+    last = one_line_error(result)
+    assert message in last, last
     assert not (tmp_path / "wd").exists()
 
 
@@ -471,8 +476,7 @@ def test_a_file_in_place_of_a_workdir_folder_is_named(tmp_path):
     workdir.mkdir()
     (workdir / "samples").write_text("not a folder")
     result = run_train("--workdir", str(workdir), tmp_path=tmp_path)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
+    last = one_line_error(result)
     assert last == (
         f"error: cannot make the folder {str(workdir / 'samples')!r} in the workdir "
         "(File exists); move what is in the way, or choose another --workdir"
