@@ -105,6 +105,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.seed = 1234
     config.eval.use_ema = True
     config.eval.grid_images = 16  # shown in samples/inpaint.png
+    # FID (stochinterp.fid): path of the converted Inception weights
+    # (python -m launch.convert_inception); '' measures no FID.
+    config.eval.fid_weights = ""
+    config.eval.fid_batch = 64  # images per Inception forward pass
 
     # Locked: a misspelt field is an error, here, in experiments and on the CLI.
     config.lock()

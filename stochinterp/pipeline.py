@@ -20,6 +20,7 @@ from stochinterp import (
     checkpointing,
     couplings,
     evaluate,
+    fid,
     input_errors,
     interpolants,
     samplers,
@@ -80,6 +81,7 @@ def validate_sampling(
         raise ValueError(
             f"eval.grid_images must be >= 1, got {config.eval.grid_images}"
         )
+    check_fid_settings(config.eval, n)
     settings = samplers.SamplerSettings.from_config(config.sampler)
     interpolant = interpolants.from_config(**config.interpolant)
     if settings.needs_score or interpolant.has_noise:
@@ -96,6 +98,26 @@ def validate_sampling(
         config.sampler.guidance_scale,
     )
     _guidance(config)
+
+
+def check_fid_settings(eval_config, num_images: int) -> None:
+    """Checks ``eval.fid_weights`` and ``eval.fid_batch`` when FID is asked for."""
+    if not eval_config.fid_weights:
+        return
+    if not os.path.isfile(eval_config.fid_weights):
+        raise FileNotFoundError(
+            f"eval.fid_weights={eval_config.fid_weights!r} is not a file; make "
+            "it with python -m launch.convert_inception, or set "
+            "eval.fid_weights='' for no FID"
+        )
+    batch = eval_config.fid_batch
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"eval.fid_batch must be a positive integer, got {batch!r}")
+    if num_images < 2:
+        raise ValueError(
+            f"FID needs at least 2 images to sample, got {num_images} "
+            "(eval.num_images or --num_samples)"
+        )
 
 
 @input_errors.checks
@@ -250,6 +272,36 @@ def sample_test_images(config, model, variables, mesh, n: int, seed: int):
 
 
 @input_errors.checks
+def fid_extractor(config, mesh) -> fid.FeatureExtractor | None:
+    """The Inception feature network of ``eval.fid_weights``, or None if unset.
+
+    Loaded before sampling, so that a damaged weight file is reported first.
+    """
+    if not config.eval.fid_weights:
+        return None
+    check_fid_settings(config.eval, config.eval.num_images)
+    return fid.FeatureExtractor(
+        config.eval.fid_weights, mesh, batch_size=config.eval.fid_batch
+    )
+
+
+def inpainting_fid(
+    extractor: fid.FeatureExtractor,
+    samples: np.ndarray,
+    x1: np.ndarray,
+    filled: np.ndarray,
+) -> dict:
+    """FID of the samples and of the mean-fill baseline against the originals."""
+    start = time.time()
+    truth = extractor.statistics(x1)
+    return {
+        "fid_sample": fid.fid_from_statistics(extractor.statistics(samples), truth),
+        "fid_mean_fill": fid.fid_from_statistics(extractor.statistics(filled), truth),
+        "fid_seconds": time.time() - start,
+    }
+
+
+@input_errors.checks
 def check_inpainting(config) -> None:
     """Raises unless the config is an in-painting one (what evaluation measures)."""
     if not is_inpainting(config):
@@ -271,6 +323,7 @@ def evaluate_inpainting(
     its ``known_pixels_exact`` is normally False).
     """
     check_inpainting(config)
+    extractor = fid_extractor(config, mesh)
     x1, samples, sample, info, seconds = sample_test_images(
         config, model, variables, mesh, config.eval.num_images, config.eval.seed
     )
@@ -281,6 +334,10 @@ def evaluate_inpainting(
         sampling_seconds=seconds,
         num_images=int(x1.shape[0]),
     )
+    if extractor is not None:
+        metrics.update(
+            inpainting_fid(extractor, samples, x1, evaluate.mean_fill(x1, mask))
+        )
     if jax.process_index() == 0:
         k = min(config.eval.grid_images, x1.shape[0])
         rows = [evaluate.masked_input(x1[:k], mask[:k]), samples[:k], x1[:k]]

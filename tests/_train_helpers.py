@@ -147,3 +147,11 @@ def restore(workdir: str, root: str, step: int | None = None, **overrides):
     config = worker.make_config(os.path.join(root, "data"), overrides)
     step, state = worker.restore_checkpoint(config, workdir, step)
     return step, worker.state_arrays(state)
+
+
+def one_line_error(result) -> str:
+    """The last line of a launcher that ended with an input error (exit 1)."""
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), last
+    return last

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from _train_helpers import one_line_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,14 +21,6 @@ def run_train(*args, tmp_path, launcher="train"):
         text=True,
         timeout=300,
     )
-
-
-def one_line_error(result) -> str:
-    """The last line of a launcher that ended with an input error (exit 1)."""
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), last
-    return last
 
 
 def test_unknown_override_key_is_named(tmp_path):

@@ -8,6 +8,7 @@ import signal
 import jax
 import numpy as np
 import pytest
+from _train_helpers import one_line_error
 from PIL import Image
 
 from configs import inpaint_photos16
@@ -377,3 +378,71 @@ def test_a_sigterm_during_the_final_save_ends_the_run_unevaluated(
     assert "compiling the training step; the first progress line comes at step 2" in (
         messages
     )
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """A weight file of the FID network with its random initial values."""
+    from stochinterp.models import inception
+
+    variables = inception.InceptionFeatures().init(
+        jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32)
+    )
+    path = str(tmp_path_factory.mktemp("inception") / "inception.npz")
+    inception.save_weights(path, variables)
+    return path
+
+
+def test_evaluation_measures_fid_when_given_the_weights(main_job, inception_weights):
+    config, workdir, _ = main_job
+    evaluated = _launch(
+        "evaluate",
+        config,
+        workdir,
+        f"--config.eval.fid_weights={inception_weights}",
+        "--config.eval.fid_batch=3",
+        "--tag=fid",
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    with open(os.path.join(workdir, "eval_euler_step4_n8_seed1234_fid.json")) as f:
+        metrics = json.load(f)
+    assert metrics["fid_sample"] > 0 and metrics["fid_mean_fill"] > 0
+    assert metrics["fid_sample"] != metrics["fid_mean_fill"]
+    assert metrics["eval_settings"]["fid_batch"] == 3
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("--config.eval.fid_weights=/absent/w.npz", "'/absent/w.npz' is not a file"),
+        ("--config.eval.fid_batch=0", "eval.fid_batch must be a positive integer"),
+    ],
+)
+def test_fid_settings_are_refused_before_sampling(
+    main_job, inception_weights, override, words
+):
+    config, workdir, _ = main_job
+    evaluated = _launch(
+        "evaluate",
+        config,
+        workdir,
+        f"--config.eval.fid_weights={inception_weights}",
+        override,
+    )
+    assert words in one_line_error(evaluated)
+
+
+def test_a_damaged_inception_file_is_refused_before_sampling(main_job, tmp_path):
+    config, workdir, _ = main_job
+    np.savez(tmp_path / "w.npz", other=np.zeros(3))
+    with pytest.raises(ValueError, match="lacks 470 of the 470 Inception weights"):
+        pipeline.fid_extractor(
+            _with_fid(config, str(tmp_path / "w.npz")),
+            pipeline.sharding.make_mesh(),
+        )
+
+
+def _with_fid(config, path):
+    config = config.copy_and_resolve_references()
+    config.eval.fid_weights = path
+    return config
