@@ -108,6 +108,9 @@ def get_config() -> ml_collections.ConfigDict:
     # FID (stochinterp.fid): path of the converted Inception weights
     # (python -m launch.convert_inception); '' measures no FID.
     config.eval.fid_weights = ""
+    # FID statistics to compare with (.npz with mu and sigma, e.g. of 50k
+    # training images); '' compares with the ground truth of the same images.
+    config.eval.fid_reference = ""
     config.eval.fid_batch = 64  # images per Inception forward pass
 
     # Locked: a misspelt field is an error, here, in experiments and on the CLI.

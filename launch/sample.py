@@ -14,6 +14,11 @@ are the sampler's end points, not clipped) and
 truth, clipped to [-1, 1]), where ``<name>`` is ``<method>_step<N>``, then
 ``_raw`` for the raw weights, ``_w<scale>`` for a guidance scale other than
 1, ``_n<num_samples>``, ``_seed<k>`` and ``_<tag>`` for ``--tag``.
+
+With ``--config.eval.fid_weights=W.npz`` the record also holds FID
+(``stochinterp.fid``): ``fid_sample`` against the ground truth (or against
+``eval.fid_reference``'s statistics) and, for super-resolution,
+``fid_upsampled`` of the upsampled low-resolution images.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ flags.DEFINE_integer("num_samples", 16, "number of samples (multiple of the devi
 flags.DEFINE_integer("seed", 0, "seed for the coupling and SDE noise")
 _common.define_output_flags()
 FLAGS = flags.FLAGS
+_FID_SETS = ("fid_sample", "fid_upsampled")
 
 
 def main(argv):
@@ -53,12 +59,17 @@ def main(argv):
     pipeline.check_trained_workdir(config, workdir)
     pipeline.check_output_folder(workdir)
     pipeline.check_held_out_size(config, FLAGS.num_samples)
+    fid_setup = pipeline.fid_setup(config, mesh, FLAGS.num_samples)
     model, variables, step = pipeline.load_variables(
         config, workdir, mesh, config.eval.use_ema
     )
     x1, samples, sample, info, seconds = pipeline.sample_test_images(
         config, model, variables, mesh, FLAGS.num_samples, FLAGS.seed
     )
+    record = pipeline.sampling_record(config, info)
+    if fid_setup is not None:  # every process takes part (the batch is sharded)
+        baselines = pipeline.fid_baselines(config, x1)
+        record.update(pipeline.fid_metrics(fid_setup, x1, sample=samples, **baselines))
     if jax.process_index() != 0:
         return
     name = _common.output_name(
@@ -67,7 +78,6 @@ def main(argv):
     stem = os.path.join(workdir, "samples", f"samples_{name}")
     given = {"mask": sample.mask, "cond": sample.cond, "labels": sample.labels}
     given = {k: np.asarray(v) for k, v in given.items() if v is not None}
-    record = pipeline.sampling_record(config, info)
     np.savez(
         stem + ".npz",
         x0=sample.x0,
@@ -88,6 +98,12 @@ def main(argv):
         seconds,
         stem,
     )
+    if fid_setup is not None:
+        logging.getLogger("launch.sample").info(
+            "FID against %s: %s",
+            record["fid_reference"],
+            ", ".join(f"{k} {v:.3f}" for k, v in record.items() if k in _FID_SETS),
+        )
 
 
 if __name__ == "__main__":

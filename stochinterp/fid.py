@@ -121,6 +121,45 @@ def save_statistics(path: str, stats: FeatureStatistics) -> None:
     np.savez(path, mu=stats.mean, sigma=stats.covariance, count=stats.count)
 
 
+def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of a statistics file: ``save_statistics``'s, or any ``.npz``
+    with 2048-dimensional ``mu`` and ``sigma`` (pytorch-fid's ``--save-stats``).
+
+    Raises:
+      FileNotFoundError: no file at ``path``.
+      ValueError: ``mu`` or ``sigma`` missing, of the wrong shape, or not finite.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no FID statistics file at {path!r}")
+    dim = inception.FEATURES
+    with np.load(path) as stored:
+        missing = [k for k in ("mu", "sigma") if k not in stored.files]
+        if missing:
+            raise ValueError(
+                f"FID statistics file {path!r} lacks {missing} (it holds "
+                f"{sorted(stored.files)})"
+            )
+        mu, sigma = np.asarray(stored["mu"]), np.asarray(stored["sigma"])
+    if mu.shape != (dim,) or sigma.shape != (dim, dim):
+        raise ValueError(
+            f"FID statistics in {path!r} have mu {mu.shape} and sigma "
+            f"{sigma.shape}, expected ({dim},) and ({dim}, {dim})"
+        )
+    if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
+        raise ValueError(f"FID statistics in {path!r} hold non-finite values")
+    return mu.astype(np.float64), sigma.astype(np.float64)
+
+
+def as_8bit(images: np.ndarray) -> np.ndarray:
+    """Images in [-1, 1] as an 8-bit image file holds them: clipped, 256 levels.
+
+    FID is measured on saved images; samples are the sampler's end points,
+    which may leave [-1, 1] slightly.
+    """
+    levels = np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5)
+    return (levels / 127.5 - 1.0).astype(np.float32)
+
+
 class FeatureExtractor:
     """Inception pool3 features of images, batch by batch, sharded over a mesh.
 
@@ -150,9 +189,10 @@ class FeatureExtractor:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """[n, H, W, C] images in [-1, 1] -> [n, 2048] float32 features.
 
+        The images are first rounded as an 8-bit file holds them (``as_8bit``).
         Grey images (C = 1) are repeated over the three colour channels.
         """
-        images = np.asarray(images, np.float32)
+        images = as_8bit(np.asarray(images, np.float32))
         if images.ndim != 4 or images.shape[-1] not in (1, 3):
             raise ValueError(
                 f"images of shape {images.shape}, expected [n, height, width, 3] "

@@ -7,12 +7,14 @@ workdir.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -109,6 +111,12 @@ def check_fid_settings(eval_config, num_images: int) -> None:
             f"eval.fid_weights={eval_config.fid_weights!r} is not a file; make "
             "it with python -m launch.convert_inception, or set "
             "eval.fid_weights='' for no FID"
+        )
+    reference = eval_config.fid_reference
+    if reference and not os.path.isfile(reference):
+        raise FileNotFoundError(
+            f"eval.fid_reference={reference!r} is not a file; give FID statistics "
+            "(.npz with mu and sigma), or '' to compare with the ground truth"
         )
     batch = eval_config.fid_batch
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
@@ -271,34 +279,83 @@ def sample_test_images(config, model, variables, mesh, n: int, seed: int):
     return x1, samples, sample, info, time.time() - start
 
 
-@input_errors.checks
-def fid_extractor(config, mesh) -> fid.FeatureExtractor | None:
-    """The Inception feature network of ``eval.fid_weights``, or None if unset.
+@dataclasses.dataclass(frozen=True)
+class FidSetup:
+    """The FID network and what samples are compared with.
 
-    Loaded before sampling, so that a damaged weight file is reported first.
+    ``reference`` is (mu, sigma) of ``eval.fid_reference``, or None to compare
+    with the ground-truth images of the same sampling.
+    """
+
+    extractor: fid.FeatureExtractor
+    reference: tuple[np.ndarray, np.ndarray] | None
+    reference_name: str
+
+
+@input_errors.checks
+def fid_setup(config, mesh, num_images: int) -> FidSetup | None:
+    """The FID network and reference statistics; None without eval.fid_weights.
+
+    Runs before sampling, so that a damaged file is reported before any work.
     """
     if not config.eval.fid_weights:
         return None
-    check_fid_settings(config.eval, config.eval.num_images)
-    return fid.FeatureExtractor(
+    check_fid_settings(config.eval, num_images)
+    extractor = fid.FeatureExtractor(
         config.eval.fid_weights, mesh, batch_size=config.eval.fid_batch
     )
+    path = config.eval.fid_reference
+    if path:
+        return FidSetup(extractor, fid.load_statistics(path), path)
+    return FidSetup(extractor, None, "ground truth")
 
 
-def inpainting_fid(
-    extractor: fid.FeatureExtractor,
-    samples: np.ndarray,
-    x1: np.ndarray,
-    filled: np.ndarray,
-) -> dict:
-    """FID of the samples and of the mean-fill baseline against the originals."""
+def fid_baselines(config, x1: np.ndarray) -> dict:
+    """Image sets besides the samples whose FID tells how good the samples are.
+
+    Super-resolution (coupled, or the uncoupled baseline conditioned on the
+    low-resolution image): ``upsampled``, the nearest-neighbour upsampled
+    low-resolution image U(D(x1)). Other couplings: none (in-painting's mean
+    fill is measured by the in-painting evaluation).
+
+    Args:
+      config: the full config.
+      x1: [n, H, W, C] the ground-truth images.
+    """
+    coupling = config.coupling
+    if "superres" in (coupling.name, coupling.baseline_condition):
+        low = couplings.SuperResolutionCoupling(coupling.factor)
+        return {"upsampled": np.asarray(low.low_resolution(jnp.asarray(x1)))}
+    return {}
+
+
+def fid_metrics(setup: FidSetup, truth: np.ndarray, **image_sets) -> dict:
+    """``fid_<name>`` of each image set against the reference.
+
+    Args:
+      setup: from ``fid_setup``.
+      truth: [n, H, W, C] ground-truth images, the reference when
+        ``setup.reference`` is None.
+      **image_sets: name -> [m, H, W, C] images in [-1, 1].
+    """
     start = time.time()
-    truth = extractor.statistics(x1)
-    return {
-        "fid_sample": fid.fid_from_statistics(extractor.statistics(samples), truth),
-        "fid_mean_fill": fid.fid_from_statistics(extractor.statistics(filled), truth),
-        "fid_seconds": time.time() - start,
-    }
+    if setup.reference is None:
+        stats = setup.extractor.statistics(truth)
+        mu, sigma = stats.mean, stats.covariance
+    else:
+        mu, sigma = setup.reference
+    metrics = {}
+    for name, images in image_sets.items():
+        stats = setup.extractor.statistics(images)
+        metrics[f"fid_{name}"] = fid.frechet_distance(
+            stats.mean, stats.covariance, mu, sigma
+        )
+    metrics.update(
+        fid_reference=setup.reference_name,
+        fid_images=int(len(truth)),
+        fid_seconds=time.time() - start,
+    )
+    return metrics
 
 
 @input_errors.checks
@@ -323,7 +380,7 @@ def evaluate_inpainting(
     its ``known_pixels_exact`` is normally False).
     """
     check_inpainting(config)
-    extractor = fid_extractor(config, mesh)
+    fid_config = fid_setup(config, mesh, config.eval.num_images)
     x1, samples, sample, info, seconds = sample_test_images(
         config, model, variables, mesh, config.eval.num_images, config.eval.seed
     )
@@ -334,10 +391,9 @@ def evaluate_inpainting(
         sampling_seconds=seconds,
         num_images=int(x1.shape[0]),
     )
-    if extractor is not None:
-        metrics.update(
-            inpainting_fid(extractor, samples, x1, evaluate.mean_fill(x1, mask))
-        )
+    if fid_config is not None:
+        filled = evaluate.mean_fill(x1, mask)
+        metrics.update(fid_metrics(fid_config, x1, sample=samples, mean_fill=filled))
     if jax.process_index() == 0:
         k = min(config.eval.grid_images, x1.shape[0])
         rows = [evaluate.masked_input(x1[:k], mask[:k]), samples[:k], x1[:k]]

@@ -337,10 +337,18 @@ def test_features_in_padded_sharded_batches_equal_one_pass(extractor):
     features = extractor(images)
     assert features.shape == (7, 2048)
     one_pass = inception.InceptionFeatures().apply(
-        extractor.variables, jnp.asarray(images, jnp.float32)
+        extractor.variables, jnp.asarray(fid.as_8bit(images))
     )
     np.testing.assert_allclose(features, one_pass, rtol=1e-5, atol=1e-4)
-    assert np.std(features) > 0
+    assert np.std(features, axis=0).mean() > 0.01
+
+
+def test_images_are_measured_as_an_8bit_file_holds_them():
+    levels = np.arange(256) / 127.5 - 1.0
+    np.testing.assert_allclose(fid.as_8bit(levels), levels, atol=1e-7)
+    values = np.array([-3.0, -1.0, 0.0, 0.003, 0.0041, 1.0, 1.5])
+    levels = np.array([0, 0, 128, 128, 128, 255, 255])  # 0 is 127.5, rounded to even
+    np.testing.assert_allclose(fid.as_8bit(values), levels / 127.5 - 1, atol=1e-7)
 
 
 def test_grey_images_are_seen_as_equal_colour_channels(extractor):
@@ -352,13 +360,38 @@ def test_grey_images_are_seen_as_equal_colour_channels(extractor):
         extractor(np.zeros((2, 16, 16, 2)))
 
 
-def test_inpainting_fid_is_zero_for_the_originals_themselves(extractor):
+def test_fid_metrics_compare_with_the_ground_truth_or_given_statistics(
+    extractor, tmp_path
+):
     rng = np.random.default_rng(11)
-    x1 = rng.uniform(-1, 1, (4, 16, 16, 3))
-    filled = rng.uniform(-1, 1, (4, 16, 16, 3))
-    metrics = pipeline.inpainting_fid(extractor, x1, x1, filled)
-    assert metrics["fid_sample"] == pytest.approx(0, abs=1e-6)
-    assert metrics["fid_mean_fill"] > 1e-6
+    truth = rng.uniform(-1, 1, (4, 16, 16, 3))
+    other = rng.uniform(-1, 1, (4, 16, 16, 3))
+    setup = pipeline.FidSetup(extractor, None, "ground truth")
+    metrics = pipeline.fid_metrics(setup, truth, same=truth, other=other)
+    assert metrics["fid_same"] == pytest.approx(0, abs=1e-6)
+    assert metrics["fid_other"] > 0.1
+    assert (metrics["fid_reference"], metrics["fid_images"]) == ("ground truth", 4)
+
+    # The truth's own statistics, saved and loaded, give the same numbers.
+    fid.save_statistics(tmp_path / "s.npz", extractor.statistics(truth))
+    given = pipeline.FidSetup(extractor, fid.load_statistics(tmp_path / "s.npz"), "s")
+    again = pipeline.fid_metrics(given, truth[:2], other=other)
+    assert again["fid_other"] == pytest.approx(metrics["fid_other"], rel=1e-9)
+    assert again["fid_images"] == 2
+
+
+def test_damaged_statistics_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no FID statistics file"):
+        fid.load_statistics(str(tmp_path / "absent.npz"))
+    np.savez(tmp_path / "a.npz", mu=np.zeros(2048))
+    with pytest.raises(ValueError, match=r"lacks \['sigma'\] \(it holds \['mu'\]\)"):
+        fid.load_statistics(str(tmp_path / "a.npz"))
+    np.savez(tmp_path / "b.npz", mu=np.zeros(64), sigma=np.eye(64))
+    with pytest.raises(ValueError, match=r"mu \(64,\) and sigma \(64, 64\), expected"):
+        fid.load_statistics(str(tmp_path / "b.npz"))
+    np.savez(tmp_path / "c.npz", mu=np.full(2048, np.nan), sigma=np.eye(2048))
+    with pytest.raises(ValueError, match="non-finite"):
+        fid.load_statistics(str(tmp_path / "c.npz"))
 
 
 def test_features_equal_pytorch_fid_on_the_same_weights(random_inception):
@@ -450,3 +483,23 @@ def test_the_converter_turns_a_state_dict_into_the_weight_file(
     )
     assert "lacks 1 of the 470" in one_line_error(result)
     assert not (tmp_path / "p.npz").exists()
+
+
+def test_super_resolution_is_compared_with_its_upsampled_low_resolution_image():
+    from configs import base
+
+    x1 = np.arange(2 * 4 * 4 * 1, dtype=np.float32).reshape(2, 4, 4, 1)
+    config = base.get_config()
+    config.coupling.name = "superres"
+    config.coupling.factor = 2
+    upsampled = pipeline.fid_baselines(config, x1)["upsampled"]
+    # Each 2x2 block becomes its mean: rows 0-1, columns 0-1 of image 0 hold
+    # 0, 1, 4, 5.
+    np.testing.assert_allclose(upsampled[0, :2, :2, 0], np.full((2, 2), 2.5))
+    np.testing.assert_allclose(upsampled[1, 2:, 2:, 0], np.full((2, 2), 16 + 12.5))
+    config.coupling.name = "independent"
+    config.coupling.baseline_condition = "superres"
+    assert set(pipeline.fid_baselines(config, x1)) == {"upsampled"}
+    config.coupling.name = "inpainting"
+    config.coupling.baseline_condition = "none"
+    assert pipeline.fid_baselines(config, x1) == {}

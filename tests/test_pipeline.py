@@ -409,6 +409,24 @@ def test_evaluation_measures_fid_when_given_the_weights(main_job, inception_weig
     assert metrics["fid_sample"] > 0 and metrics["fid_mean_fill"] > 0
     assert metrics["fid_sample"] != metrics["fid_mean_fill"]
     assert metrics["eval_settings"]["fid_batch"] == 3
+    assert (metrics["fid_reference"], metrics["fid_images"]) == ("ground truth", 8)
+
+    sampled = _launch(
+        "sample",
+        config,
+        workdir,
+        f"--config.eval.fid_weights={inception_weights}",
+        "--num_samples=4",
+        "--tag=fid",
+    )
+    assert sampled.returncode == 0, sampled.stderr[-2000:]
+    assert "FID against ground truth: fid_sample " in sampled.stderr
+    with np.load(
+        os.path.join(workdir, "samples", "samples_euler_step4_n4_seed0_fid.npz")
+    ) as saved:
+        record = json.loads(str(saved["sampling"]))
+    assert record["fid_sample"] > 0 and record["fid_images"] == 4
+    assert "fid_upsampled" not in record  # super-resolution only
 
 
 @pytest.mark.parametrize(
@@ -416,6 +434,7 @@ def test_evaluation_measures_fid_when_given_the_weights(main_job, inception_weig
     [
         ("--config.eval.fid_weights=/absent/w.npz", "'/absent/w.npz' is not a file"),
         ("--config.eval.fid_batch=0", "eval.fid_batch must be a positive integer"),
+        ("--config.eval.fid_reference=/absent/s.npz", "'/absent/s.npz' is not a file"),
     ],
 )
 def test_fid_settings_are_refused_before_sampling(
@@ -436,9 +455,10 @@ def test_a_damaged_inception_file_is_refused_before_sampling(main_job, tmp_path)
     config, workdir, _ = main_job
     np.savez(tmp_path / "w.npz", other=np.zeros(3))
     with pytest.raises(ValueError, match="lacks 470 of the 470 Inception weights"):
-        pipeline.fid_extractor(
+        pipeline.fid_setup(
             _with_fid(config, str(tmp_path / "w.npz")),
             pipeline.sharding.make_mesh(),
+            8,
         )
 
 
