@@ -68,7 +68,7 @@ def main(argv):
     )
     record = pipeline.sampling_record(config, info)
     if fid_setup is not None:  # every process takes part (the batch is sharded)
-        baselines = pipeline.fid_baselines(config, x1)
+        baselines = pipeline.fid_baselines(config, x1, sample)
         record.update(pipeline.fid_metrics(fid_setup, x1, sample=samples, **baselines))
     if jax.process_index() != 0:
         return

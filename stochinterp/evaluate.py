@@ -7,6 +7,8 @@ steadier than averaging per-image PSNRs, which near-flat images inflate.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -178,30 +180,16 @@ def sample_coupling(
     put = lambda a: jax.device_put(jnp.asarray(a), sharding.batch_sharding(mesh))  # noqa: E731
     x1 = put(np.asarray(x1, np.float32))
     labels = None if labels is None else put(np.asarray(labels, np.int32))
-    key_couple, key_noise = jax.random.split(key)
     coupling = couplings.without_label_drop(coupling)  # given labels are kept
-
-    # Parameters are arguments, not constants baked into the program: large
-    # networks compile faster and one program serves any checkpoint.
-    @jax.jit
-    def run(variables, x1, labels):
-        sample = coupling(key_couple, x1, labels)
-        velocity, score = _fields_for(
-            apply_fn, variables, sample, interpolant, settings, guidance
-        )
-        out, info = samplers.integrate(
-            velocity,
-            sample.x0,
-            sample.xi,
-            settings,
-            score=score,
-            key=key_noise if settings.method == "euler_maruyama" else None,
-            mask=sample.mask,
-        )
-        return out, sample, info
-
+    run = _sampling_program(
+        apply_fn, coupling, interpolant, settings, guidance, jax.random.key_impl(key)
+    )
+    # The key travels as its raw words: every process holds the same ones.
+    key_data = jax.device_put(
+        np.asarray(jax.random.key_data(key)), sharding.replicated(mesh)
+    )
     # Every process gets the whole batch (it is split over all devices).
-    out, sample, info = sharding.gather_to_host(run(variables, x1, labels))
+    out, sample, info = sharding.gather_to_host(run(variables, x1, labels, key_data))
     # Both failures below come from the settings (a step budget, a scale),
     # so they are reported like input errors: one line naming what to change.
     try:
@@ -224,6 +212,38 @@ def sample_coupling(
             )
         )
     return out, sample, info
+
+
+@functools.lru_cache(maxsize=8)
+def _sampling_program(apply_fn, coupling, interpolant, settings, guidance, key_impl):
+    """The jitted ``run(variables, x1, labels, key_data) -> (samples, sample, info)``.
+
+    Kept per setting, so that batch after batch of one sampling reuses one
+    compiled program. Parameters and the key are arguments, not constants
+    baked into the program: large networks compile faster and one program
+    serves any checkpoint and seed.
+    """
+
+    @jax.jit
+    def run(variables, x1, labels, key_data):
+        key = jax.random.wrap_key_data(key_data, impl=key_impl)
+        key_couple, key_noise = jax.random.split(key)
+        sample = coupling(key_couple, x1, labels)
+        velocity, score = _fields_for(
+            apply_fn, variables, sample, interpolant, settings, guidance
+        )
+        out, info = samplers.integrate(
+            velocity,
+            sample.x0,
+            sample.xi,
+            settings,
+            score=score,
+            key=key_noise if settings.method == "euler_maruyama" else None,
+            mask=sample.mask,
+        )
+        return out, sample, info
+
+    return run
 
 
 def inpainting_metrics(samples: np.ndarray, x1: np.ndarray, mask: np.ndarray) -> dict:

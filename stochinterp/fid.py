@@ -29,7 +29,7 @@ from stochinterp.models import inception
 class FeatureStatistics:
     """Running count, sum and sum of outer products of feature vectors."""
 
-    dim: int
+    dim: int = inception.FEATURES
     count: int = 0
     total: np.ndarray | None = None
     outer: np.ndarray | None = None
@@ -168,7 +168,8 @@ class FeatureExtractor:
         or the variables themselves.
       mesh: device mesh; each batch is split over its devices.
       batch_size: images per forward pass (rounded up to a multiple of the
-        number of devices); the last, smaller batch is padded.
+        number of devices); a smaller last batch is padded to a multiple of
+        the number of devices.
     """
 
     def __init__(self, weights: str | dict, mesh=None, batch_size: int = 64):
@@ -200,12 +201,15 @@ class FeatureExtractor:
             )
         if images.shape[-1] == 1:
             images = np.repeat(images, 3, axis=-1)
-        out = []
+        out, devices = [], self.mesh.devices.size
         for start in range(0, len(images), self.batch_size):
             batch = images[start : start + self.batch_size]
             real = len(batch)
-            if real < self.batch_size:
-                fill = np.repeat(batch[-1:], self.batch_size - real, axis=0)
+            # A short batch is padded to split over the devices only: one
+            # more compilation, instead of running the network on copies.
+            padded = -(-real // devices) * devices
+            if real < padded:
+                fill = np.repeat(batch[-1:], padded - real, axis=0)
                 batch = np.concatenate([batch, fill])
             put = jax.device_put(jnp.asarray(batch), sharding.batch_sharding(self.mesh))
             features = sharding.gather_to_host(self._apply(self.variables, put))
@@ -213,6 +217,6 @@ class FeatureExtractor:
         return np.concatenate(out) if out else np.zeros((0, inception.FEATURES))
 
     def statistics(self, images: np.ndarray) -> FeatureStatistics:
-        stats = FeatureStatistics(inception.FEATURES)
+        stats = FeatureStatistics()
         stats.update(self(images))
         return stats

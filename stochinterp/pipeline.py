@@ -249,21 +249,26 @@ def sampling_record(config, info: samplers.SamplerInfo) -> dict:
     }
 
 
-def sample_test_images(config, model, variables, mesh, n: int, seed: int):
-    """Runs the configured sampler on the first n held-out images.
+def sample_test_images(
+    config, model, variables, mesh, n: int, seed: int, start: int = 0, key=None
+):
+    """Runs the configured sampler on n held-out images from image ``start``.
+
+    The coupling's draws and the SDE noise come from ``key``, by default
+    ``jax.random.key(seed)``.
 
     Returns:
       (x1 [n, H, W, C], samples [n, H, W, C], CouplingSample, SamplerInfo,
       seconds spent sampling).
     """
     examples = data_lib.eval_examples(
-        config.data, split=config.data.eval_split or None, n=n
+        config.data, split=config.data.eval_split or None, n=n, start=start
     )
     x1 = np.asarray(examples["image"], np.float32)
     labels = examples["label"] if config.coupling.num_classes else None
     settings = samplers.SamplerSettings.from_config(config.sampler)
     interpolant = interpolants.from_config(**config.interpolant)
-    start = time.time()
+    began = time.time()
     samples, sample, info = evaluate.sample_coupling(
         model.apply,
         variables,
@@ -272,11 +277,11 @@ def sample_test_images(config, model, variables, mesh, n: int, seed: int):
         couplings.from_config(config.coupling),
         interpolant,
         settings,
-        jax.random.key(seed),
+        jax.random.key(seed) if key is None else key,
         mesh,
         _guidance(config),
     )
-    return x1, samples, sample, info, time.time() - start
+    return x1, samples, sample, info, time.time() - began
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,23 +315,32 @@ def fid_setup(config, mesh, num_images: int) -> FidSetup | None:
     return FidSetup(extractor, None, "ground truth")
 
 
-def fid_baselines(config, x1: np.ndarray) -> dict:
+def fid_baselines(config, x1: np.ndarray, sample=None) -> dict:
     """Image sets besides the samples whose FID tells how good the samples are.
 
     Super-resolution (coupled, or the uncoupled baseline conditioned on the
     low-resolution image): ``upsampled``, the nearest-neighbour upsampled
-    low-resolution image U(D(x1)). Other couplings: none (in-painting's mean
-    fill is measured by the in-painting evaluation).
+    low-resolution image U(D(x1)). In-painting (given the coupling's
+    ``sample``, whose mask it reads): ``mean_fill``, each hole filled with its
+    image's mean known colour. Others: none.
 
     Args:
       config: the full config.
       x1: [n, H, W, C] the ground-truth images.
+      sample: the ``CouplingSample`` drawn for x1 (in-painting only).
     """
     coupling = config.coupling
     if "superres" in (coupling.name, coupling.baseline_condition):
         low = couplings.SuperResolutionCoupling(coupling.factor)
         return {"upsampled": np.asarray(low.low_resolution(jnp.asarray(x1)))}
+    if is_inpainting(config) and sample is not None:
+        return {"mean_fill": evaluate.mean_fill(x1, _inpainting_mask(sample))}
     return {}
+
+
+def _inpainting_mask(sample) -> np.ndarray:
+    """The mask of a coupled draw, or the uncoupled baseline's first channel."""
+    return sample.mask if sample.mask is not None else sample.cond[..., :1]
 
 
 def fid_metrics(setup: FidSetup, truth: np.ndarray, **image_sets) -> dict:
@@ -339,23 +353,102 @@ def fid_metrics(setup: FidSetup, truth: np.ndarray, **image_sets) -> dict:
       **image_sets: name -> [m, H, W, C] images in [-1, 1].
     """
     start = time.time()
+    truth_stats = setup.extractor.statistics(truth) if setup.reference is None else None
+    stats = {name: setup.extractor.statistics(v) for name, v in image_sets.items()}
+    metrics = fid_values(setup, truth_stats, stats)
+    metrics.update(fid_images=int(len(truth)), fid_seconds=time.time() - start)
+    return metrics
+
+
+def fid_values(
+    setup: FidSetup,
+    truth: fid.FeatureStatistics | None,
+    image_sets: dict[str, fid.FeatureStatistics],
+) -> dict:
+    """``fid_<name>`` of each set's statistics against the reference, and
+    ``fid_reference``: what that is (``truth``'s statistics when
+    ``setup.reference`` is None)."""
     if setup.reference is None:
-        stats = setup.extractor.statistics(truth)
-        mu, sigma = stats.mean, stats.covariance
+        mu, sigma = truth.mean, truth.covariance
     else:
         mu, sigma = setup.reference
-    metrics = {}
-    for name, images in image_sets.items():
-        stats = setup.extractor.statistics(images)
-        metrics[f"fid_{name}"] = fid.frechet_distance(
-            stats.mean, stats.covariance, mu, sigma
-        )
-    metrics.update(
-        fid_reference=setup.reference_name,
-        fid_images=int(len(truth)),
-        fid_seconds=time.time() - start,
-    )
+    metrics = {
+        f"fid_{name}": fid.frechet_distance(stats.mean, stats.covariance, mu, sigma)
+        for name, stats in image_sets.items()
+    }
+    metrics["fid_reference"] = setup.reference_name
     return metrics
+
+
+def held_out_fid(
+    config, model, variables, mesh, setup: FidSetup, n: int, batch: int, seed: int
+) -> tuple[dict, tuple]:
+    """FID of n held-out images sampled ``batch`` at a time.
+
+    Only one batch of images is held at once: the features of each batch go
+    into running statistics (samples, the baselines of ``fid_baselines`` and,
+    without ``eval.fid_reference``, the ground truth). Batch c (images
+    c * batch onwards) draws with ``jax.random.fold_in(jax.random.key(seed), c)``,
+    so the samples depend on ``batch`` as well as ``seed``. A last batch of
+    another size compiles the sampler once more.
+
+    Args:
+      config, model, variables, mesh: as for ``sample_test_images``.
+      setup: from ``fid_setup``.
+      n: images in all; ``n`` and ``batch`` multiples of the device count.
+      batch: images sampled at a time.
+      seed: seed of the draws.
+
+    Returns:
+      (metrics, (x1, samples, x0) of the first batch).
+    """
+    key = jax.random.key(seed)
+    truth = None if setup.reference is not None else fid.FeatureStatistics()
+    stats: dict[str, fid.FeatureStatistics] = {}
+    nfe, first, began = [], None, time.time()
+    for index, start in enumerate(range(0, n, batch)):
+        size = min(batch, n - start)
+        x1, samples, sample, info, _ = sample_test_images(
+            config,
+            model,
+            variables,
+            mesh,
+            size,
+            seed,
+            start,
+            jax.random.fold_in(key, index),
+        )
+        for name, images in {
+            "sample": samples,
+            **fid_baselines(config, x1, sample),
+        }.items():
+            stats.setdefault(name, fid.FeatureStatistics()).update(
+                setup.extractor(images)
+            )
+        if truth is not None:
+            truth.update(setup.extractor(x1))
+        if first is None:
+            first = (x1, samples, np.asarray(sample.x0))
+        nfe.append(sampling_record(config, info)["nfe"])
+        seconds = time.time() - began
+        log.info(
+            "FID: %d of %d images, %.0f s, about %.0f s left",
+            start + size,
+            n,
+            seconds,
+            seconds * (n - start - size) / (start + size),
+        )
+    metrics = fid_values(setup, truth, stats)
+    record = sampling_record(config, info)
+    metrics.update(
+        fid_images=n,
+        batch=batch,
+        sampler=record["sampler"],
+        sampler_settings=record["sampler_settings"],
+        nfe_per_batch=nfe,
+        seconds=time.time() - began,
+    )
+    return metrics, first
 
 
 @input_errors.checks
@@ -384,7 +477,7 @@ def evaluate_inpainting(
     x1, samples, sample, info, seconds = sample_test_images(
         config, model, variables, mesh, config.eval.num_images, config.eval.seed
     )
-    mask = sample.mask if sample.mask is not None else sample.cond[..., :1]
+    mask = _inpainting_mask(sample)
     metrics = evaluate.inpainting_metrics(samples, x1, mask)
     metrics.update(
         sampling_record(config, info),
@@ -392,8 +485,8 @@ def evaluate_inpainting(
         num_images=int(x1.shape[0]),
     )
     if fid_config is not None:
-        filled = evaluate.mean_fill(x1, mask)
-        metrics.update(fid_metrics(fid_config, x1, sample=samples, mean_fill=filled))
+        baselines = fid_baselines(config, x1, sample)
+        metrics.update(fid_metrics(fid_config, x1, sample=samples, **baselines))
     if jax.process_index() == 0:
         k = min(config.eval.grid_images, x1.shape[0])
         rows = [evaluate.masked_input(x1[:k], mask[:k]), samples[:k], x1[:k]]

@@ -466,3 +466,80 @@ def _with_fid(config, path):
     config = config.copy_and_resolve_references()
     config.eval.fid_weights = path
     return config
+
+
+def test_held_out_fid_accumulates_the_batches_of_a_key_per_batch(
+    main_job, inception_weights
+):
+    config, workdir, _ = main_job
+    config = _with_fid(config, inception_weights)
+    mesh = pipeline.sharding.make_mesh()
+    model, variables, _ = pipeline.load_variables(config, workdir, mesh, True)
+    setup = pipeline.fid_setup(config, mesh, 8)
+    metrics, (x1, samples, x0) = pipeline.held_out_fid(
+        config, model, variables, mesh, setup, 8, 4, seed=3
+    )
+    assert metrics["nfe_per_batch"] == [5, 5] and metrics["fid_images"] == 8
+
+    # The same draws one batch at a time, then FID of the whole at once.
+    key = jax.random.key(3)
+    batches = [
+        pipeline.sample_test_images(
+            config, model, variables, mesh, 4, 3, start, jax.random.fold_in(key, c)
+        )
+        for c, start in enumerate((0, 4))
+    ]
+    truth = np.concatenate([b[0] for b in batches])
+    expected = pipeline.fid_metrics(
+        setup,
+        truth,
+        sample=np.concatenate([b[1] for b in batches]),
+        mean_fill=np.concatenate(
+            [pipeline.fid_baselines(config, b[0], b[2])["mean_fill"] for b in batches]
+        ),
+    )
+    for name in ("fid_sample", "fid_mean_fill"):
+        assert metrics[name] == pytest.approx(expected[name], rel=1e-6, abs=1e-9)
+    np.testing.assert_array_equal(x1, batches[0][0])
+    np.testing.assert_array_equal(samples, batches[0][1])
+    np.testing.assert_array_equal(x0, batches[0][2].x0)
+    assert not np.array_equal(batches[0][0], batches[1][0])  # other images
+
+
+def test_launch_fid_writes_its_metrics_and_picture(main_job, inception_weights):
+    config, workdir, _ = main_job
+    ran = _launch(
+        "fid",
+        config,
+        workdir,
+        f"--config.eval.fid_weights={inception_weights}",
+        "--num_samples=8",
+        "--batch=4",
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    name = "fid_euler_step4_n8_seed0_b4"
+    with open(os.path.join(workdir, f"{name}.json")) as f:
+        metrics = json.load(f)
+    assert metrics["nfe_per_batch"] == [20, 20] and metrics["fid_images"] == 8
+    assert metrics["fid_sample"] > 0 and metrics["fid_mean_fill"] > 0
+    assert metrics["step"] == 4 and metrics["fid_reference"] == "ground truth"
+    assert "FID: 8 of 8 images" in ran.stderr
+    image = Image.open(os.path.join(workdir, "samples", f"{name}.png"))
+    assert image.size == (4 * (16 * 4 + 2) + 2, 3 * (16 * 4 + 2) + 2)
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ((), "launch.fid needs --config.eval.fid_weights"),
+        (("FID", "--batch=3"), "--batch=3 must be a positive multiple of the number"),
+        (("FID", "--num_samples=100000"), "100000 images to sample"),
+    ],
+)
+def test_launch_fid_refuses_bad_settings_in_one_line(
+    main_job, inception_weights, overrides, words
+):
+    config, workdir, _ = main_job
+    weights = f"--config.eval.fid_weights={inception_weights}"
+    args = [weights if o == "FID" else o for o in overrides]
+    assert words in one_line_error(_launch("fid", config, workdir, *args))

@@ -247,8 +247,10 @@ def make_loader_from_config(
     )
 
 
-def eval_examples(data_config: Any, split: str | None = None, n: int = 16) -> dict:
-    """The first ``n`` records of a split, in stored order, without flips.
+def eval_examples(
+    data_config: Any, split: str | None = None, n: int = 16, start: int = 0
+) -> dict:
+    """``n`` records of a split from record ``start``, in stored order, no flips.
 
     Args:
       data_config: the data config.
@@ -256,6 +258,7 @@ def eval_examples(data_config: Any, split: str | None = None, n: int = 16) -> di
         ``'test'`` for photo_patches and digits, ``'validation'`` for the
         ImageNet datasets).
       n: number of examples.
+      start: index of the first one.
 
     Returns:
       ``{'image': [n, H, W, C] float32 in [-1, 1], 'label': [n] int32}``.
@@ -264,12 +267,15 @@ def eval_examples(data_config: Any, split: str | None = None, n: int = 16) -> di
         validate(data_config)
         split = _EVAL_SPLIT[_field(data_config, "name")]
     source, decode = data_source(data_config, split)
-    if not isinstance(n, int) or not 0 < n <= len(source):
+    if not isinstance(start, int) or start < 0:
+        raise ValueError(f"start={start!r} must be an integer >= 0")
+    if not isinstance(n, int) or not 0 < n <= len(source) - start:
         raise ValueError(
-            f"n={n!r} examples requested from split {split!r}, which holds "
-            f"{len(source)}; choose 1 <= n <= {len(source)}"
+            f"n={n!r} examples requested from record {start} of split {split!r}, "
+            f"which holds {len(source)}; choose 1 <= n <= {len(source) - start}"
         )
-    decoded = [decode(record) for record in source.__getitems__(list(range(n)))]
+    records = source.__getitems__(list(range(start, start + n)))
+    decoded = [decode(record) for record in records]
     images = np.stack([image for image, _ in decoded])
     labels = np.asarray([label for _, label in decoded], dtype=np.int32)
     return {"image": transforms.to_unit_range(images), "label": labels}
