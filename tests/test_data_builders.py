@@ -128,6 +128,21 @@ def test_eval_examples_are_fixed(patches16):
         data.eval_examples(config, n=9999)
 
 
+def test_eval_examples_start_anywhere_in_the_split(patches16):
+    config, _, splits = patches16
+    later = data.eval_examples(config, n=3, start=5)
+    np.testing.assert_array_equal(later["label"], splits["test"]["label"][5:8])
+    want = splits["test"]["image"][5:8].astype(np.float32) / 127.5 - 1
+    np.testing.assert_allclose(later["image"], want, atol=1e-6)
+    size = len(splits["test"]["label"])
+    last = data.eval_examples(config, n=1, start=size - 1)
+    assert last["label"][0] == splits["test"]["label"][-1]
+    with pytest.raises(ValueError, match=f"from record {size - 1} .* n <= 1"):
+        data.eval_examples(config, n=2, start=size - 1)
+    with pytest.raises(ValueError, match="start=-1 must be an integer >= 0"):
+        data.eval_examples(config, n=2, start=-1)
+
+
 def test_unknown_split_lists_the_available_ones(patches16):
     config, _, _ = patches16
     with pytest.raises(
