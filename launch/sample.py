@@ -67,42 +67,49 @@ def main(argv):
         config, model, variables, mesh, FLAGS.num_samples, FLAGS.seed
     )
     record = pipeline.sampling_record(config, info)
-    if fid_setup is not None:  # every process takes part (the batch is sharded)
-        baselines = pipeline.fid_baselines(config, x1, sample)
-        record.update(pipeline.fid_metrics(fid_setup, x1, sample=samples, **baselines))
-    if jax.process_index() != 0:
-        return
     name = _common.output_name(
         config, step, FLAGS.tag, seed=FLAGS.seed, count=FLAGS.num_samples
     )
     stem = os.path.join(workdir, "samples", f"samples_{name}")
     given = {"mask": sample.mask, "cond": sample.cond, "labels": sample.labels}
     given = {k: np.asarray(v) for k, v in given.items() if v is not None}
-    np.savez(
-        stem + ".npz",
-        x0=sample.x0,
-        samples=samples,
-        ground_truth=x1,
-        sampling=np.asarray(json.dumps(record)),
-        **given,
-    )
-    evaluate.save_grid(stem + ".png", [np.clip(sample.x0, -1, 1), samples, x1])
-    logging.getLogger("launch.sample").info(
-        "step %d: %d samples with %s, %d field calls (%d of them score calls), "
-        "%.1f s -> %s.png",
-        step,
-        samples.shape[0],
-        config.sampler.method,
-        record["nfe"],
-        record["nfe_score"],
-        seconds,
-        stem,
-    )
-    if fid_setup is not None:
-        logging.getLogger("launch.sample").info(
+
+    def save(record):
+        np.savez(
+            stem + ".npz",
+            x0=sample.x0,
+            samples=samples,
+            ground_truth=x1,
+            sampling=np.asarray(json.dumps(record)),
+            **given,
+        )
+
+    log = logging.getLogger("launch.sample")
+    if jax.process_index() == 0:  # the samples are kept before FID is measured
+        save(record)
+        evaluate.save_grid(stem + ".png", [np.clip(sample.x0, -1, 1), samples, x1])
+        log.info(
+            "step %d: %d samples with %s, %d field calls (%d of them score "
+            "calls), %.1f s -> %s.png",
+            step,
+            samples.shape[0],
+            config.sampler.method,
+            record["nfe"],
+            record["nfe_score"],
+            seconds,
+            stem,
+        )
+    if fid_setup is None:
+        return
+    # Every process takes part (the batch is split over all devices).
+    baselines = pipeline.fid_baselines(config, x1, sample)
+    record.update(pipeline.fid_metrics(fid_setup, x1, sample=samples, **baselines))
+    if jax.process_index() == 0:
+        save(record)
+        log.info(
             "FID against %s: %s",
             record["fid_reference"],
-            ", ".join(f"{k} {v:.3f}" for k, v in record.items() if k in _FID_SETS),
+            ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k in _FID_SETS),
         )
 
 

@@ -18,7 +18,6 @@ import dataclasses
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from stochinterp import sharding
@@ -27,10 +26,15 @@ from stochinterp.models import inception
 
 @dataclasses.dataclass
 class FeatureStatistics:
-    """Running count, sum and sum of outer products of feature vectors."""
+    """Running count, sum and sum of outer products of feature vectors.
+
+    The sums are of the features less ``shift`` (the first batch's mean), so
+    that a large common offset does not cancel away the covariance's digits.
+    """
 
     dim: int = inception.FEATURES
     count: int = 0
+    shift: np.ndarray | None = None
     total: np.ndarray | None = None
     outer: np.ndarray | None = None
 
@@ -48,15 +52,23 @@ class FeatureStatistics:
                 f"features of shape {features.shape}, expected [batch, {self.dim}]"
             )
         if not np.all(np.isfinite(features)):
-            raise ValueError("features hold non-finite values (non-finite images?)")
+            raise ValueError(
+                "features hold non-finite values: the network's weights or the "
+                "images are not finite"
+            )
+        if not len(features):
+            return
+        if self.shift is None:
+            self.shift = features.mean(axis=0)
+        centred = features - self.shift
         self.count += len(features)
-        self.total += features.sum(axis=0)
-        self.outer += features.T @ features
+        self.total += centred.sum(axis=0)
+        self.outer += centred.T @ centred
 
     @property
     def mean(self) -> np.ndarray:
         self._check_count()
-        return self.total / self.count
+        return self.shift + self.total / self.count
 
     @property
     def covariance(self) -> np.ndarray:
@@ -85,20 +97,27 @@ def frechet_distance(
       mean1, mean2: [dim].
       cov1, cov2: [dim, dim], symmetric positive semi-definite.
     """
-    mean1, mean2 = np.asarray(mean1, np.float64), np.asarray(mean2, np.float64)
-    cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
+    given = {"mean1": mean1, "cov1": cov1, "mean2": mean2, "cov2": cov2}
+    arrays = {}
+    for name, value in given.items():
+        value = np.asarray(value)
+        if value.dtype.kind not in "fiu":
+            raise ValueError(f"{name} holds {value.dtype} values, not real numbers")
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"{name} holds non-finite values")
+        arrays[name] = value.astype(np.float64)
+    mean1, cov1, mean2, cov2 = arrays.values()
     dim = mean1.shape[-1] if mean1.ndim == 1 else None
-    shapes = [a.shape for a in (mean1, cov1, mean2, cov2)]
+    shapes = [a.shape for a in arrays.values()]
     if dim is None or shapes != [(dim,), (dim, dim), (dim,), (dim, dim)]:
         raise ValueError(
             f"means and covariances of shapes {shapes}, expected [d], [d, d], "
             "[d], [d, d] with one d"
         )
-    for name, a in (("mean1", mean1), ("cov1", cov1), ("mean2", mean2), ("cov2", cov2)):
-        if not np.all(np.isfinite(a)):
-            raise ValueError(f"{name} holds non-finite values")
 
     values, vectors = np.linalg.eigh(cov1)
+    check_covariance(cov1, "cov1", values)
+    check_covariance(cov2, "cov2")
     root1 = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
     middle = root1 @ cov2 @ root1
     cross = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None))
@@ -109,6 +128,30 @@ def frechet_distance(
         - 2 * np.sum(cross)
     )
     return float(max(distance, 0.0))
+
+
+def check_covariance(cov: np.ndarray, name: str, eigenvalues=None) -> None:
+    """Raises unless ``cov`` is symmetric positive semi-definite (to round-off).
+
+    Args:
+      cov: [d, d].
+      name: what it is, for the message.
+      eigenvalues: its eigenvalues when already known.
+    """
+    if eigenvalues is None:
+        eigenvalues = np.linalg.eigvalsh(cov)
+    scale = max(float(np.abs(eigenvalues).max()), np.finfo(np.float64).tiny)
+    asymmetry = float(np.abs(cov - cov.T).max())
+    if asymmetry > 1e-6 * scale:
+        raise ValueError(
+            f"{name} is not symmetric (largest |S - S^T| {asymmetry:.3g}): not a "
+            "covariance"
+        )
+    if eigenvalues.min() < -1e-6 * scale:
+        raise ValueError(
+            f"{name} has a negative eigenvalue ({eigenvalues.min():.3g}, the "
+            f"largest is {eigenvalues.max():.3g}): not a covariance"
+        )
 
 
 def fid_from_statistics(a: FeatureStatistics, b: FeatureStatistics) -> float:
@@ -132,22 +175,17 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no FID statistics file at {path!r}")
     dim = inception.FEATURES
-    with np.load(path) as stored:
-        missing = [k for k in ("mu", "sigma") if k not in stored.files]
-        if missing:
-            raise ValueError(
-                f"FID statistics file {path!r} lacks {missing} (it holds "
-                f"{sorted(stored.files)})"
-            )
-        mu, sigma = np.asarray(stored["mu"]), np.asarray(stored["sigma"])
+    stored = inception.read_arrays(
+        path, ("mu", "sigma"), "FID statistics file", np.float64
+    )
+    mu, sigma = stored["mu"], stored["sigma"]
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
         raise ValueError(
             f"FID statistics in {path!r} have mu {mu.shape} and sigma "
             f"{sigma.shape}, expected ({dim},) and ({dim}, {dim})"
         )
-    if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
-        raise ValueError(f"FID statistics in {path!r} hold non-finite values")
-    return mu.astype(np.float64), sigma.astype(np.float64)
+    check_covariance(sigma, f"sigma in {path!r}")
+    return mu, sigma
 
 
 def as_8bit(images: np.ndarray) -> np.ndarray:
@@ -173,19 +211,35 @@ class FeatureExtractor:
     """
 
     def __init__(self, weights: str | dict, mesh=None, batch_size: int = 64):
-        self.variables = (
-            inception.load_weights(weights)
-            if isinstance(weights, (str, os.PathLike))
-            else weights
-        )
-        self.mesh = sharding.make_mesh() if mesh is None else mesh
-        devices = self.mesh.devices.size
         if isinstance(batch_size, bool) or not isinstance(batch_size, int):
             raise ValueError(f"batch_size must be an integer, got {batch_size!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(weights, (str, os.PathLike)):
+            weights = inception.load_weights(weights)
+        self.mesh = sharding.make_mesh() if mesh is None else mesh
+        self.variables = jax.device_put(
+            jax.tree.map(np.asarray, weights), sharding.replicated(self.mesh)
+        )
+        devices = self.mesh.devices.size
         self.batch_size = -(-batch_size // devices) * devices
-        self._apply = jax.jit(inception.InceptionFeatures().apply)
+        self._programs = {}
+
+    def _program(self, images: jax.Array):
+        """The network compiled for this input shape (kept for the next batch).
+
+        Compiled without splitting buffers into heaps (a CPU setting that the
+        launchers make for the training step): on this network the split
+        costs time and logs a warning for every large buffer.
+        """
+        if images.shape not in self._programs:
+            lowered = jax.jit(inception.InceptionFeatures().apply).lower(
+                self.variables, images
+            )
+            self._programs[images.shape] = lowered.compile(
+                compiler_options={"xla_multiheap_size_constraint_per_heap": -1}
+            )
+        return self._programs[images.shape]
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """[n, H, W, C] images in [-1, 1] -> [n, 2048] float32 features.
@@ -201,6 +255,8 @@ class FeatureExtractor:
             )
         if images.shape[-1] == 1:
             images = np.repeat(images, 3, axis=-1)
+        if 0 in images.shape[1:3]:
+            raise ValueError(f"images of shape {images.shape} have no pixels")
         out, devices = [], self.mesh.devices.size
         for start in range(0, len(images), self.batch_size):
             batch = images[start : start + self.batch_size]
@@ -211,8 +267,9 @@ class FeatureExtractor:
             if real < padded:
                 fill = np.repeat(batch[-1:], padded - real, axis=0)
                 batch = np.concatenate([batch, fill])
-            put = jax.device_put(jnp.asarray(batch), sharding.batch_sharding(self.mesh))
-            features = sharding.gather_to_host(self._apply(self.variables, put))
+            put = jax.device_put(batch, sharding.batch_sharding(self.mesh))
+            features = self._program(put)(self.variables, put)
+            features = sharding.gather_to_host(features)
             out.append(np.asarray(features)[:real])
         return np.concatenate(out) if out else np.zeros((0, inception.FEATURES))
 

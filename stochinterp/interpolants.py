@@ -8,6 +8,7 @@ regression target dx_t is exact.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -397,11 +398,24 @@ _FAMILIES = {"linear": linear, "trigonometric": trigonometric}
 def from_config(
     name: str, gamma: str = "zero", gamma_scale: float = 1.0
 ) -> Interpolant:
-    """Builds a named family: ``'linear'`` or ``'trigonometric'``."""
+    """Builds a named family: ``'linear'`` or ``'trigonometric'``.
+
+    The same arguments give the same object, so that programs compiled for
+    one (a sampler's, batch after batch) are found again for the next.
+    """
     if not isinstance(name, str) or name not in _FAMILIES:
         raise ValueError(
             f"interpolant {name!r} is not known; choose one of {sorted(_FAMILIES)}"
         )
+    try:
+        hash((gamma, gamma_scale))
+    except TypeError:  # the family names what is wrong with them
+        return _FAMILIES[name](gamma=gamma, gamma_scale=gamma_scale)
+    return _named_family(name, gamma, gamma_scale)
+
+
+@functools.lru_cache(maxsize=32)
+def _named_family(name: str, gamma, gamma_scale) -> Interpolant:
     return _FAMILIES[name](gamma=gamma, gamma_scale=gamma_scale)
 
 

@@ -103,8 +103,16 @@ def validate_sampling(
 
 
 def check_fid_settings(eval_config, num_images: int) -> None:
-    """Checks ``eval.fid_weights`` and ``eval.fid_batch`` when FID is asked for."""
+    """Checks the ``eval.fid_*`` fields; ``fid_setup`` reads the files."""
+    batch = eval_config.fid_batch
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"eval.fid_batch must be a positive integer, got {batch!r}")
     if not eval_config.fid_weights:
+        if eval_config.fid_reference:
+            raise ValueError(
+                f"eval.fid_reference={eval_config.fid_reference!r} needs "
+                "eval.fid_weights (the Inception weights) to measure FID"
+            )
         return
     if not os.path.isfile(eval_config.fid_weights):
         raise FileNotFoundError(
@@ -118,9 +126,6 @@ def check_fid_settings(eval_config, num_images: int) -> None:
             f"eval.fid_reference={reference!r} is not a file; give FID statistics "
             "(.npz with mu and sigma), or '' to compare with the ground truth"
         )
-    batch = eval_config.fid_batch
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"eval.fid_batch must be a positive integer, got {batch!r}")
     if num_images < 2:
         raise ValueError(
             f"FID needs at least 2 images to sample, got {num_images} "
@@ -365,9 +370,11 @@ def fid_values(
     truth: fid.FeatureStatistics | None,
     image_sets: dict[str, fid.FeatureStatistics],
 ) -> dict:
-    """``fid_<name>`` of each set's statistics against the reference, and
-    ``fid_reference``: what that is (``truth``'s statistics when
-    ``setup.reference`` is None)."""
+    """``fid_<name>`` of each set's statistics against the reference.
+
+    The reference is ``setup.reference``, or ``truth``'s statistics when that
+    is None; ``fid_reference`` names it.
+    """
     if setup.reference is None:
         mu, sigma = truth.mean, truth.covariance
     else:
@@ -403,7 +410,7 @@ def held_out_fid(
       (metrics, (x1, samples, x0) of the first batch).
     """
     key = jax.random.key(seed)
-    truth = None if setup.reference is not None else fid.FeatureStatistics()
+    truth = setup.reference is None  # the ground truth is the reference
     stats: dict[str, fid.FeatureStatistics] = {}
     nfe, first, began = [], None, time.time()
     for index, start in enumerate(range(0, n, batch)):
@@ -418,15 +425,13 @@ def held_out_fid(
             start,
             jax.random.fold_in(key, index),
         )
-        for name, images in {
-            "sample": samples,
-            **fid_baselines(config, x1, sample),
-        }.items():
+        image_sets = {"sample": samples, **fid_baselines(config, x1, sample)}
+        if truth:
+            image_sets["truth"] = x1
+        for name, images in image_sets.items():
             stats.setdefault(name, fid.FeatureStatistics()).update(
                 setup.extractor(images)
             )
-        if truth is not None:
-            truth.update(setup.extractor(x1))
         if first is None:
             first = (x1, samples, np.asarray(sample.x0))
         nfe.append(sampling_record(config, info)["nfe"])
@@ -438,7 +443,7 @@ def held_out_fid(
             seconds,
             seconds * (n - start - size) / (start + size),
         )
-    metrics = fid_values(setup, truth, stats)
+    metrics = fid_values(setup, stats.pop("truth", None), stats)
     record = sampling_record(config, info)
     metrics.update(
         fid_images=n,
@@ -464,7 +469,13 @@ def check_inpainting(config) -> None:
 
 
 def evaluate_inpainting(
-    config, model, variables, workdir: str, mesh, picture: str = "inpaint.png"
+    config,
+    model,
+    variables,
+    workdir: str,
+    mesh,
+    picture: str = "inpaint.png",
+    fid_config: FidSetup | None = None,
 ) -> dict:
     """Samples the fixed test images, writes samples/<picture>, returns metrics.
 
@@ -473,7 +484,8 @@ def evaluate_inpainting(
     its ``known_pixels_exact`` is normally False).
     """
     check_inpainting(config)
-    fid_config = fid_setup(config, mesh, config.eval.num_images)
+    if fid_config is None:
+        fid_config = fid_setup(config, mesh, config.eval.num_images)
     x1, samples, sample, info, seconds = sample_test_images(
         config, model, variables, mesh, config.eval.num_images, config.eval.seed
     )
@@ -509,11 +521,14 @@ def train_and_evaluate(
     # The sampler fields are saved with the run and used by launch.sample and
     # launch.evaluate later: they are checked even when nothing is sampled now.
     validate_sampling(config, mesh)
+    fid_config = None
     if evaluate_after and is_inpainting(config):
         with input_errors.checking_input():
             train.validate_config(config, mesh)
             data_lib.validate(config.data)
         check_held_out_size(config, config.eval.num_images)
+        # Read now: a damaged weight file is reported before training.
+        fid_config = fid_setup(config, mesh, config.eval.num_images)
     start = time.time()
     result = train.train(config, workdir, mesh)
     train_seconds = time.time() - start
@@ -541,7 +556,11 @@ def train_and_evaluate(
             result.state.ema_params if config.eval.use_ema else result.state.params
         )
         model = train.build_model(config, train.image_shape(config)[-1])
-        metrics.update(evaluate_inpainting(config, model, variables, workdir, mesh))
+        metrics.update(
+            evaluate_inpainting(
+                config, model, variables, workdir, mesh, fid_config=fid_config
+            )
+        )
     metrics["wall_seconds"] = time.time() - start
     metrics["config"] = json.loads(config.to_json_best_effort())
     if jax.process_index() == 0:

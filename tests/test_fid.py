@@ -113,6 +113,26 @@ def test_sample_fid_of_two_gaussians_approaches_the_closed_form():
     assert fid.fid_from_statistics(a, b) == pytest.approx(exact, abs=0.01)
 
 
+def test_frechet_distance_refuses_what_is_not_a_covariance():
+    with pytest.raises(ValueError, match=r"cov1 has a negative eigenvalue \(-5,"):
+        fid.frechet_distance(np.zeros(2), -5 * np.eye(2), np.zeros(2), np.eye(2))
+    upper = np.array([[1.0, 1.0], [0.0, 1.0]])
+    with pytest.raises(ValueError, match="cov2 is not symmetric"):
+        fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), upper)
+    with pytest.raises(ValueError, match="mean1 holds complex128 values"):
+        fid.frechet_distance(np.zeros(2) + 1j, np.eye(2), np.zeros(2), np.eye(2))
+
+
+def test_statistics_keep_their_digits_under_a_large_common_offset():
+    rng = np.random.default_rng(13)
+    features = rng.normal(size=(2000, 4)) + 1e8
+    stats = fid.FeatureStatistics(4)
+    for part in np.split(features, 20):
+        stats.update(part)
+    np.testing.assert_allclose(stats.covariance, np.cov(features.T), atol=1e-6)
+    np.testing.assert_allclose(stats.mean, features.mean(axis=0), rtol=1e-14)
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
@@ -384,14 +404,62 @@ def test_damaged_statistics_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no FID statistics file"):
         fid.load_statistics(str(tmp_path / "absent.npz"))
     np.savez(tmp_path / "a.npz", mu=np.zeros(2048))
-    with pytest.raises(ValueError, match=r"lacks \['sigma'\] \(it holds \['mu'\]\)"):
+    with pytest.raises(ValueError, match=r"lacks 1 of the 2 .*\['sigma'\] \(it holds"):
         fid.load_statistics(str(tmp_path / "a.npz"))
     np.savez(tmp_path / "b.npz", mu=np.zeros(64), sigma=np.eye(64))
     with pytest.raises(ValueError, match=r"mu \(64,\) and sigma \(64, 64\), expected"):
         fid.load_statistics(str(tmp_path / "b.npz"))
     np.savez(tmp_path / "c.npz", mu=np.full(2048, np.nan), sigma=np.eye(2048))
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match="'mu' holds non-finite values"):
         fid.load_statistics(str(tmp_path / "c.npz"))
+    np.savez(tmp_path / "d.npz", mu=np.zeros(2048), sigma=-np.eye(2048))
+    with pytest.raises(ValueError, match=r"sigma in .* negative eigenvalue \(-1,"):
+        fid.load_statistics(str(tmp_path / "d.npz"))
+
+
+def _damaged_files(folder):
+    """name -> path of files that are not usable .npz archives of numbers."""
+    np.savez(folder / "good.npz", mu=np.zeros(3), sigma=np.eye(3))
+    data = (folder / "good.npz").read_bytes()
+    files = {
+        "truncated": data[: len(data) // 2],
+        "empty": b"",
+        "text": b"mu,sigma\n1,2\n",
+    }
+    for name, content in files.items():
+        (folder / f"{name}.npz").write_bytes(content)
+    np.save(folder / "single.npy", np.zeros(3))
+    np.savez(folder / "strings.npz", mu=np.array(["x"] * 3), sigma=np.eye(3))
+    np.savez(folder / "objects.npz", mu=np.array([None] * 3), sigma=np.eye(3))
+    np.savez(folder / "complex.npz", mu=np.zeros(3) + 1j, sigma=np.eye(3))
+    return {
+        "truncated": "is not a readable .npz archive",
+        "empty": "is not a readable .npz archive",
+        "text": "is not a readable .npz archive",
+        "single": "holds one array (.npy), expected an .npz archive",
+        "strings": "'mu' is damaged or not an array of real numbers",
+        "objects": "'mu' is damaged or not an array of real numbers",
+        "complex": "'mu' is damaged or not an array of real numbers",
+    }
+
+
+def test_unreadable_files_are_named_with_what_was_expected(tmp_path):
+    for name, words in _damaged_files(tmp_path).items():
+        path = tmp_path / (f"{name}.npy" if name == "single" else f"{name}.npz")
+        with pytest.raises(ValueError, match=re.escape(words)) as caught:
+            fid.load_statistics(str(path))
+        assert str(path) in str(caught.value) and "FID statistics" in str(caught.value)
+        with pytest.raises(ValueError, match="Inception weight file"):
+            inception.load_weights(str(path))
+
+
+def test_a_weight_file_with_non_finite_values_is_refused(random_inception, tmp_path):
+    broken = dict(random_inception)
+    broken["Mixed_6c.branch1x1.bn.running_var"] = np.full(192, np.nan, np.float32)
+    np.savez(tmp_path / "nan.npz", **broken)
+    name = "'Mixed_6c.branch1x1.bn.running_var'"
+    with pytest.raises(ValueError, match=re.escape(name) + " holds non-finite"):
+        inception.load_weights(str(tmp_path / "nan.npz"))
 
 
 def test_features_equal_pytorch_fid_on_the_same_weights(random_inception):
@@ -476,13 +544,36 @@ def test_the_converter_turns_a_state_dict_into_the_weight_file(
     back = inception.to_arrays(inception.load_weights(str(tmp_path / "w.npz")))
     for name, value in random_inception.items():
         np.testing.assert_array_equal(back[name], value, err_msg=name)
+    # Half precision is widened to float32.
+    half = {name: value.to(torch.bfloat16) for name, value in state.items()}
+    torch.save(half, tmp_path / "half.pth")
+    half_path, out = tmp_path / "half.pth", tmp_path / "h.npz"
+    result = _convert(f"--input={half_path}", f"--output={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert inception.load_weights(str(tmp_path / "h.npz"))["params"]  # loads
+
+    # A failed conversion names the input and leaves the output as it was.
     del state["Mixed_6a.branch3x3.conv.weight"]
     torch.save(state, tmp_path / "partial.pth")
-    result = _convert(
-        f"--input={tmp_path / 'partial.pth'}", f"--output={tmp_path / 'p.npz'}"
+    before = (tmp_path / "w.npz").read_bytes()
+    partial = str(tmp_path / "partial.pth")
+    result = _convert(f"--input={partial}", f"--output={tmp_path / 'w.npz'}")
+    assert one_line_error(result).startswith(
+        f"error: --input {partial!r} is not the FID Inception: it lacks 1 of the 470"
     )
-    assert "lacks 1 of the 470" in one_line_error(result)
-    assert not (tmp_path / "p.npz").exists()
+    assert (tmp_path / "w.npz").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["h.npz", "w.npz"]
+
+    torch.save({"state_dict": state}, tmp_path / "wrapped.pth")
+    torch.save(state["fc.weight"], tmp_path / "tensor.pth")
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    for name, words in [
+        ("wrapped", "maps 'state_dict' to a dict, expected a state dict of name"),
+        ("tensor", "holds a Tensor, expected a state dict"),
+        ("text", "cannot be read as a PyTorch file"),
+    ]:
+        result = _convert(f"--input={tmp_path / name}.pth", f"--output={out}")
+        assert words in one_line_error(result), name
 
 
 def test_super_resolution_is_compared_with_its_upsampled_low_resolution_image():

@@ -131,6 +131,11 @@ def test_from_config_builds_the_named_family():
     path = interpolants.from_config("trigonometric", "sqrt", 0.5)
     assert path.name == "trigonometric+sqrt"
     np.testing.assert_allclose(path.gamma(jnp.float32(0.5)), np.sqrt(0.125), rtol=1e-6)
+    # The same settings give the same object (compiled programs are found again).
+    assert interpolants.from_config("trigonometric", "sqrt", 0.5) is path
+    assert interpolants.from_config("trigonometric", "sqrt", 0.25) is not path
+    with pytest.raises(ValueError, match=r"'zero' or 'sqrt', got \['x'\]"):
+        interpolants.from_config("linear", ["x"])
 
 
 def test_time_range_checks():

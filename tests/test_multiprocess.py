@@ -151,11 +151,30 @@ def _sample_command(workdir, root, *args):
     return command
 
 
-def test_two_processes_sample_the_whole_batch_like_one(two_processes, root):
-    """Each process gathers the samples split over both processes' devices."""
+def test_two_processes_sample_the_whole_batch_like_one(two_processes, root, tmp_path):
+    """Each process gathers the samples split over both processes' devices.
+
+    FID is measured too: its network runs over both processes' devices.
+    """
+    import jax
+
+    from stochinterp.models import inception
+
+    weights = str(tmp_path / "inception.npz")
+    inception.save_weights(
+        weights,
+        inception.InceptionFeatures().init(
+            jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32)
+        ),
+    )
     workdir, _ = two_processes
     address = f"127.0.0.1:{helpers.free_port()}"
-    flags = [f"--coordinator_address={address}", "--num_processes=2", "--tag=two"]
+    flags = [
+        f"--coordinator_address={address}",
+        "--num_processes=2",
+        "--tag=two",
+        f"--config.eval.fid_weights={weights}",
+    ]
     processes = [
         subprocess.Popen(
             [
@@ -174,7 +193,13 @@ def test_two_processes_sample_the_whole_batch_like_one(two_processes, root):
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr[-4000:]
     one = helpers.run_child(
-        _sample_command(workdir, root, "--num_samples=4", "--tag=one"),
+        _sample_command(
+            workdir,
+            root,
+            "--num_samples=4",
+            "--tag=one",
+            f"--config.eval.fid_weights={weights}",
+        ),
         root,
         devices=2,
     )
@@ -188,3 +213,6 @@ def test_two_processes_sample_the_whole_batch_like_one(two_processes, root):
     assert two["samples"].shape[0] == 4
     np.testing.assert_array_equal(two["x0"], one["x0"])
     np.testing.assert_allclose(two["samples"], one["samples"], rtol=1e-5, atol=1e-5)
+    fids = [json.loads(str(f["sampling"]))["fid_sample"] for f in (two, one)]
+    assert fids[0] > 0
+    assert fids[0] == pytest.approx(fids[1], rel=1e-3)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 
@@ -476,9 +477,13 @@ def test_held_out_fid_accumulates_the_batches_of_a_key_per_batch(
     mesh = pipeline.sharding.make_mesh()
     model, variables, _ = pipeline.load_variables(config, workdir, mesh, True)
     setup = pipeline.fid_setup(config, mesh, 8)
+    programs = evaluate._sampling_program.cache_info()
     metrics, (x1, samples, x0) = pipeline.held_out_fid(
         config, model, variables, mesh, setup, 8, 4, seed=3
     )
+    # One sampling program serves both batches.
+    now = evaluate._sampling_program.cache_info()
+    assert now.misses - programs.misses <= 1 and now.hits - programs.hits >= 1
     assert metrics["nfe_per_batch"] == [5, 5] and metrics["fid_images"] == 8
 
     # The same draws one batch at a time, then FID of the whole at once.
@@ -543,3 +548,28 @@ def test_launch_fid_refuses_bad_settings_in_one_line(
     weights = f"--config.eval.fid_weights={inception_weights}"
     args = [weights if o == "FID" else o for o in overrides]
     assert words in one_line_error(_launch("fid", config, workdir, *args))
+
+
+def test_the_main_job_reads_the_fid_files_before_training(main_job, tmp_path):
+    config, _, _ = main_job
+    np.savez(tmp_path / "w.npz", other=np.zeros(3))
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match="lacks 470 of the 470"):
+        pipeline.train_and_evaluate(
+            _with_fid(config, str(tmp_path / "w.npz")), str(workdir)
+        )
+    assert not (workdir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("fid_reference", "/absent/s.npz", "needs eval.fid_weights"),
+        ("fid_batch", 0, "eval.fid_batch must be a positive integer, got 0"),
+    ],
+)
+def test_fid_fields_are_checked_without_fid_weights_too(main_job, field, value, words):
+    config = main_job[0].copy_and_resolve_references()
+    setattr(config.eval, field, value)
+    with pytest.raises(ValueError, match=re.escape(words)):
+        pipeline.validate_sampling(config, pipeline.sharding.make_mesh())

@@ -22,6 +22,7 @@ the ``.npz`` that ``load_weights`` reads.
 from __future__ import annotations
 
 import os
+import zipfile
 
 import flax.linen as nn
 import jax
@@ -251,7 +252,8 @@ def load_weights(path: str) -> dict:
 
     Raises:
       FileNotFoundError: no file at ``path``.
-      ValueError: a weight is missing or has the wrong shape (named).
+      ValueError: the file is not an ``.npz`` archive, or a weight is missing,
+        damaged, not finite or of the wrong shape (named).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -259,15 +261,7 @@ def load_weights(path: str) -> dict:
             "launch.convert_inception (see the README, FID)"
         )
     expected = variable_shapes()
-    with np.load(path) as stored:
-        missing = sorted(set(expected) - set(stored.files))
-        if missing:
-            raise ValueError(
-                f"{path!r} lacks {len(missing)} of the {len(expected)} Inception "
-                f"weights, first {missing[:3]}: is it a converted FID Inception "
-                "weight file?"
-            )
-        arrays = {name: np.asarray(stored[name], np.float32) for name in expected}
+    arrays = read_arrays(path, expected, "Inception weight file", np.float32)
     for name, shape in expected.items():
         if arrays[name].shape != shape:
             raise ValueError(
@@ -275,6 +269,56 @@ def load_weights(path: str) -> dict:
                 f"expected {shape}"
             )
     return _to_variables(arrays)
+
+
+def read_arrays(path: str, names, what: str, dtype) -> dict[str, np.ndarray]:
+    """The named arrays of an ``.npz`` file, as finite real numbers of ``dtype``.
+
+    Args:
+      path: the file.
+      names: the entries to read (others are ignored).
+      what: what the file is, for the messages ("Inception weight file").
+      dtype: the type to return them in.
+
+    Raises:
+      ValueError: naming the file, and the entry where one is at fault, when
+        the file is not an ``.npz`` archive, lacks an entry, or an entry is
+        damaged, not numbers or not finite.
+    """
+    try:
+        stored = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        raise ValueError(f"{what} {path!r} is not a readable .npz archive") from None
+    if not isinstance(stored, np.lib.npyio.NpzFile):
+        raise ValueError(
+            f"{what} {path!r} holds one array (.npy), expected an .npz archive "
+            "of named arrays"
+        )
+    with stored:
+        missing = [name for name in names if name not in stored.files]
+        if missing:
+            raise ValueError(
+                f"{what} {path!r} lacks {len(missing)} of the {len(names)} "
+                f"arrays it needs, first {missing[:3]} (it holds "
+                f"{len(stored.files)}, first {sorted(stored.files)[:3]})"
+            )
+        arrays = {name: _read_entry(stored, name, what, path) for name in names}
+    for name, value in arrays.items():
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"{what} {path!r}: {name!r} holds non-finite values")
+    return {name: value.astype(dtype) for name, value in arrays.items()}
+
+
+def _read_entry(stored, name: str, what: str, path: str) -> np.ndarray:
+    try:
+        value = stored[name]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        value = None
+    if value is None or value.dtype.kind not in "fiu":
+        raise ValueError(
+            f"{what} {path!r}: {name!r} is damaged or not an array of real numbers"
+        )
+    return value
 
 
 def _to_variables(arrays: dict[str, np.ndarray]) -> dict:
