@@ -39,18 +39,18 @@ def main(argv):
 
     mesh = sharding.make_mesh()
     pipeline.check_inpainting(config)
-    pipeline.validate_sampling(config, mesh)
-    pipeline.check_trained_workdir(config, workdir)
-    pipeline.check_output_folder(workdir)
-    pipeline.check_held_out_size(config, config.eval.num_images)
-    model, variables, step = pipeline.load_variables(
-        config, workdir, mesh, config.eval.use_ema
-    )
+    fid_setup, model, variables, step = pipeline.prepare_sampling(config, workdir, mesh)
     name = _common.output_name(
         config, step, FLAGS.tag, seed=config.eval.seed, count=config.eval.num_images
     )
     metrics = pipeline.evaluate_inpainting(
-        config, model, variables, workdir, mesh, picture=f"inpaint_{name}.png"
+        config,
+        model,
+        variables,
+        workdir,
+        mesh,
+        picture=f"inpaint_{name}.png",
+        fid_config=fid_setup,
     )
     metrics.update(
         step=step,

@@ -62,13 +62,8 @@ def main(argv):
     mesh = sharding.make_mesh()
     with input_errors.checking_input():
         check_flags(config, mesh)
-    pipeline.validate_sampling(config, mesh, FLAGS.num_samples, FLAGS.seed)
-    pipeline.check_trained_workdir(config, workdir)
-    pipeline.check_output_folder(workdir)
-    pipeline.check_held_out_size(config, FLAGS.num_samples)
-    setup = pipeline.fid_setup(config, mesh, FLAGS.num_samples)
-    model, variables, step = pipeline.load_variables(
-        config, workdir, mesh, config.eval.use_ema
+    setup, model, variables, step = pipeline.prepare_sampling(
+        config, workdir, mesh, FLAGS.num_samples, FLAGS.seed
     )
     metrics, (x1, samples, x0) = pipeline.held_out_fid(
         config,

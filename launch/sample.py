@@ -55,13 +55,8 @@ def main(argv):
     from stochinterp import evaluate, pipeline, sharding
 
     mesh = sharding.make_mesh()
-    pipeline.validate_sampling(config, mesh, FLAGS.num_samples, FLAGS.seed)
-    pipeline.check_trained_workdir(config, workdir)
-    pipeline.check_output_folder(workdir)
-    pipeline.check_held_out_size(config, FLAGS.num_samples)
-    fid_setup = pipeline.fid_setup(config, mesh, FLAGS.num_samples)
-    model, variables, step = pipeline.load_variables(
-        config, workdir, mesh, config.eval.use_ema
+    fid_setup, model, variables, step = pipeline.prepare_sampling(
+        config, workdir, mesh, FLAGS.num_samples, FLAGS.seed
     )
     x1, samples, sample, info, seconds = pipeline.sample_test_images(
         config, model, variables, mesh, FLAGS.num_samples, FLAGS.seed

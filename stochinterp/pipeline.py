@@ -320,6 +320,33 @@ def fid_setup(config, mesh, num_images: int) -> FidSetup | None:
     return FidSetup(extractor, None, "ground truth")
 
 
+def prepare_sampling(
+    config, workdir: str, mesh, num_images: int | None = None, seed: int | None = None
+):
+    """The checks and loading that sampling from a trained workdir starts with.
+
+    Checks the sampler and FID settings, the workdir (trained with this
+    config), its ``samples/`` folder and the held-out split's size, all before
+    any work; then reads the FID files and the latest checkpoint.
+
+    Args:
+      config, workdir, mesh: the run.
+      num_images, seed: of the sampling (default ``eval.num_images`` and
+        ``eval.seed``, then named so in the messages).
+
+    Returns:
+      (FidSetup or None, model, variables, step).
+    """
+    validate_sampling(config, mesh, num_images, seed)
+    check_trained_workdir(config, workdir)
+    check_output_folder(workdir)
+    num_images = config.eval.num_images if num_images is None else num_images
+    check_held_out_size(config, num_images)
+    setup = fid_setup(config, mesh, num_images)
+    model, variables, step = load_variables(config, workdir, mesh, config.eval.use_ema)
+    return setup, model, variables, step
+
+
 def fid_baselines(config, x1: np.ndarray, sample=None) -> dict:
     """Image sets besides the samples whose FID tells how good the samples are.
 

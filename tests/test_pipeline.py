@@ -455,7 +455,7 @@ def test_fid_settings_are_refused_before_sampling(
 def test_a_damaged_inception_file_is_refused_before_sampling(main_job, tmp_path):
     config, workdir, _ = main_job
     np.savez(tmp_path / "w.npz", other=np.zeros(3))
-    with pytest.raises(ValueError, match="lacks 470 of the 470 Inception weights"):
+    with pytest.raises(ValueError, match="lacks 470 of the 470 arrays"):
         pipeline.fid_setup(
             _with_fid(config, str(tmp_path / "w.npz")),
             pipeline.sharding.make_mesh(),
