@@ -43,6 +43,10 @@ def main(argv):
     name = _common.output_name(
         config, step, FLAGS.tag, seed=config.eval.seed, count=config.eval.num_images
     )
+    path = os.path.join(workdir, f"eval_{name}.json")
+    pipeline.check_output_files(
+        path, os.path.join(workdir, "samples", f"inpaint_{name}.png")
+    )
     metrics = pipeline.evaluate_inpainting(
         config,
         model,
@@ -58,7 +62,6 @@ def main(argv):
         eval_settings=config.eval.to_dict(),
     )
     if jax.process_index() == 0:
-        path = os.path.join(workdir, f"eval_{name}.json")
         with open(path, "w") as f:
             json.dump(metrics, f, indent=2)
         print(json.dumps(metrics, indent=2))

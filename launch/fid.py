@@ -65,6 +65,14 @@ def main(argv):
     setup, model, variables, step = pipeline.prepare_sampling(
         config, workdir, mesh, FLAGS.num_samples, FLAGS.seed
     )
+    batch = min(FLAGS.batch, FLAGS.num_samples)
+    name = _common.output_name(
+        config, step, "", seed=FLAGS.seed, count=FLAGS.num_samples
+    )
+    name += f"_b{batch}" + (f"_{FLAGS.tag}" if FLAGS.tag else "")
+    json_path = os.path.join(workdir, f"fid_{name}.json")
+    picture = os.path.join(workdir, "samples", f"fid_{name}.png")
+    pipeline.check_output_files(json_path, picture)
     metrics, (x1, samples, x0) = pipeline.held_out_fid(
         config,
         model,
@@ -72,24 +80,17 @@ def main(argv):
         mesh,
         setup,
         FLAGS.num_samples,
-        min(FLAGS.batch, FLAGS.num_samples),
+        batch,
         FLAGS.seed,
     )
     metrics.update(step=step, use_ema=config.eval.use_ema, seed=FLAGS.seed)
     if jax.process_index() != 0:
         return
-    name = _common.output_name(
-        config, step, "", seed=FLAGS.seed, count=FLAGS.num_samples
-    )
-    name += f"_b{FLAGS.batch}" + (f"_{FLAGS.tag}" if FLAGS.tag else "")
-    with open(os.path.join(workdir, f"fid_{name}.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
     k = min(config.eval.grid_images, len(x1))
-    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-    evaluate.save_grid(
-        os.path.join(workdir, "samples", f"fid_{name}.png"),
-        [np.clip(x0[:k], -1, 1), samples[:k], x1[:k]],
-    )
+    os.makedirs(os.path.dirname(picture), exist_ok=True)
+    evaluate.save_grid(picture, [np.clip(x0[:k], -1, 1), samples[:k], x1[:k]])
+    with open(json_path, "w") as f:  # last: its presence means a complete run
+        json.dump(metrics, f, indent=2)
     print(json.dumps(metrics, indent=2))
 
 

@@ -58,14 +58,15 @@ def main(argv):
     fid_setup, model, variables, step = pipeline.prepare_sampling(
         config, workdir, mesh, FLAGS.num_samples, FLAGS.seed
     )
-    x1, samples, sample, info, seconds = pipeline.sample_test_images(
-        config, model, variables, mesh, FLAGS.num_samples, FLAGS.seed
-    )
-    record = pipeline.sampling_record(config, info)
     name = _common.output_name(
         config, step, FLAGS.tag, seed=FLAGS.seed, count=FLAGS.num_samples
     )
     stem = os.path.join(workdir, "samples", f"samples_{name}")
+    pipeline.check_output_files(stem + ".npz", stem + ".png")
+    x1, samples, sample, info, seconds = pipeline.sample_test_images(
+        config, model, variables, mesh, FLAGS.num_samples, FLAGS.seed
+    )
+    record = pipeline.sampling_record(config, info)
     given = {"mask": sample.mask, "cond": sample.cond, "labels": sample.labels}
     given = {k: np.asarray(v) for k, v in given.items() if v is not None}
 

@@ -7,6 +7,7 @@ steadier than averaging per-image PSNRs, which near-flat images inflate.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -214,16 +215,38 @@ def sample_coupling(
     return out, sample, info
 
 
-@functools.lru_cache(maxsize=8)
-def _sampling_program(apply_fn, coupling, interpolant, settings, guidance, key_impl):
+def _sampling_program(*setting):
     """The jitted ``run(variables, x1, labels, key_data) -> (samples, sample, info)``.
 
-    Kept per setting, so that batch after batch of one sampling reuses one
-    compiled program. Parameters and the key are arguments, not constants
-    baked into the program: large networks compile faster and one program
-    serves any checkpoint and seed.
+    ``setting`` is (apply_fn, coupling, interpolant, settings, guidance,
+    key_impl). The program is kept, so that batch after batch of one sampling
+    reuses one compiled program, when the coupling and the interpolant cannot
+    change (frozen dataclasses, as all of stochinterp's are); a coupling of
+    one's own that is not gets a new program on every call, so that a change
+    to it is seen. Parameters and the key are arguments, not constants baked
+    into the program: large networks compile faster and one program serves
+    any checkpoint and seed.
     """
+    _, coupling, interpolant, *_ = setting
+    if _unchanging(coupling) and _unchanging(interpolant):
+        return _kept_program(*setting)
+    return _new_program(*setting)
 
+
+def _unchanging(value) -> bool:
+    """Whether ``value`` is a hashable frozen dataclass."""
+    if not dataclasses.is_dataclass(value) or isinstance(value, type):
+        return False
+    if not value.__dataclass_params__.frozen:
+        return False
+    try:
+        hash(value)
+    except TypeError:  # a frozen dataclass holding a list, say
+        return False
+    return True
+
+
+def _new_program(apply_fn, coupling, interpolant, settings, guidance, key_impl):
     @jax.jit
     def run(variables, x1, labels, key_data):
         key = jax.random.wrap_key_data(key_data, impl=key_impl)
@@ -244,6 +267,9 @@ def _sampling_program(apply_fn, coupling, interpolant, settings, guidance, key_i
         return out, sample, info
 
     return run
+
+
+_kept_program = functools.lru_cache(maxsize=8)(_new_program)
 
 
 def inpainting_metrics(samples: np.ndarray, x1: np.ndarray, mask: np.ndarray) -> dict:

@@ -8,7 +8,6 @@ regression target dx_t is exact.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 
 import jax
@@ -222,18 +221,26 @@ def _path(
     gamma: str,
     gamma_scale: float,
 ) -> Interpolant:
-    g, g_dot = _gamma_pair(gamma, gamma_scale)
-    return Interpolant(
-        alpha=alpha,
-        beta=beta,
-        alpha_dot=alpha_dot,
-        beta_dot=beta_dot,
-        gamma=g,
-        gamma_dot=g_dot,
-        name=f"{name}+{gamma}" if gamma != "zero" else name,
-        has_noise=gamma != "zero",
-        singular_ends=gamma == "sqrt",
-    )
+    g, g_dot = _gamma_pair(gamma, gamma_scale)  # checks them
+    # The same family and settings give the same object, so that programs
+    # compiled for one (a sampler's, batch after batch) are found again.
+    key = (name, gamma, float(gamma_scale) if gamma != "zero" else None)
+    if key not in _BUILT:
+        _BUILT[key] = Interpolant(
+            alpha=alpha,
+            beta=beta,
+            alpha_dot=alpha_dot,
+            beta_dot=beta_dot,
+            gamma=g,
+            gamma_dot=g_dot,
+            name=f"{name}+{gamma}" if gamma != "zero" else name,
+            has_noise=gamma != "zero",
+            singular_ends=gamma == "sqrt",
+        )
+    return _BUILT[key]
+
+
+_BUILT: dict[tuple, Interpolant] = {}  # the named families' paths, by settings
 
 
 def linear(gamma: str = "zero", gamma_scale: float = 1.0) -> Interpolant:
@@ -398,24 +405,11 @@ _FAMILIES = {"linear": linear, "trigonometric": trigonometric}
 def from_config(
     name: str, gamma: str = "zero", gamma_scale: float = 1.0
 ) -> Interpolant:
-    """Builds a named family: ``'linear'`` or ``'trigonometric'``.
-
-    The same arguments give the same object, so that programs compiled for
-    one (a sampler's, batch after batch) are found again for the next.
-    """
+    """Builds a named family: ``'linear'`` or ``'trigonometric'``."""
     if not isinstance(name, str) or name not in _FAMILIES:
         raise ValueError(
             f"interpolant {name!r} is not known; choose one of {sorted(_FAMILIES)}"
         )
-    try:
-        hash((gamma, gamma_scale))
-    except TypeError:  # the family names what is wrong with them
-        return _FAMILIES[name](gamma=gamma, gamma_scale=gamma_scale)
-    return _named_family(name, gamma, gamma_scale)
-
-
-@functools.lru_cache(maxsize=32)
-def _named_family(name: str, gamma, gamma_scale) -> Interpolant:
     return _FAMILIES[name](gamma=gamma, gamma_scale=gamma_scale)
 
 

@@ -172,6 +172,21 @@ def check_trained_workdir(config, workdir: str) -> None:
 
 
 @input_errors.checks
+@input_errors.checks
+def check_output_files(*paths: str) -> None:
+    """Raises, before any work, when an output file could not be written.
+
+    Each path's folder must be writable, and the path must not be a folder.
+    """
+    for path in paths:
+        workdir_lib.ensure_writable(os.path.dirname(os.path.abspath(path)))
+        if os.path.isdir(path):
+            raise IsADirectoryError(
+                f"{path!r} is a folder, where an output file is to be written; "
+                "move it out of the way or choose another --tag"
+            )
+
+
 def check_output_folder(workdir: str) -> None:
     """Raises unless ``workdir/samples`` is, or can be made, a writable folder.
 

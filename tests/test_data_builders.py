@@ -139,8 +139,11 @@ def test_eval_examples_start_anywhere_in_the_split(patches16):
     assert last["label"][0] == splits["test"]["label"][-1]
     with pytest.raises(ValueError, match=f"from record {size - 1} .* n <= 1"):
         data.eval_examples(config, n=2, start=size - 1)
-    with pytest.raises(ValueError, match="start=-1 must be an integer >= 0"):
-        data.eval_examples(config, n=2, start=-1)
+    for start in (-1, size, 1.0, True):
+        with pytest.raises(ValueError, match=rf"start={start!r} must be an integer in"):
+            data.eval_examples(config, n=1, start=start)
+    same = data.eval_examples(config, n=np.int64(3), start=np.int64(5))
+    np.testing.assert_array_equal(same["label"], later["label"])
 
 
 def test_unknown_split_lists_the_available_ones(patches16):

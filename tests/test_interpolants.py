@@ -134,6 +134,9 @@ def test_from_config_builds_the_named_family():
     # The same settings give the same object (compiled programs are found again).
     assert interpolants.from_config("trigonometric", "sqrt", 0.5) is path
     assert interpolants.from_config("trigonometric", "sqrt", 0.25) is not path
+    assert interpolants.linear() is interpolants.from_config("linear", "zero", 7)
+    with pytest.raises(ValueError, match="gamma_scale must be a real number, got True"):
+        interpolants.trigonometric("sqrt", True)  # even though 1.0 was built
     with pytest.raises(ValueError, match=r"'zero' or 'sqrt', got \['x'\]"):
         interpolants.from_config("linear", ["x"])
 

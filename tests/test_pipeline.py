@@ -477,12 +477,12 @@ def test_held_out_fid_accumulates_the_batches_of_a_key_per_batch(
     mesh = pipeline.sharding.make_mesh()
     model, variables, _ = pipeline.load_variables(config, workdir, mesh, True)
     setup = pipeline.fid_setup(config, mesh, 8)
-    programs = evaluate._sampling_program.cache_info()
+    programs = evaluate._kept_program.cache_info()
     metrics, (x1, samples, x0) = pipeline.held_out_fid(
         config, model, variables, mesh, setup, 8, 4, seed=3
     )
     # One sampling program serves both batches.
-    now = evaluate._sampling_program.cache_info()
+    now = evaluate._kept_program.cache_info()
     assert now.misses - programs.misses <= 1 and now.hits - programs.hits >= 1
     assert metrics["nfe_per_batch"] == [5, 5] and metrics["fid_images"] == 8
 
@@ -573,3 +573,35 @@ def test_fid_fields_are_checked_without_fid_weights_too(main_job, field, value, 
     setattr(config.eval, field, value)
     with pytest.raises(ValueError, match=re.escape(words)):
         pipeline.validate_sampling(config, pipeline.sharding.make_mesh())
+
+
+@pytest.mark.parametrize(
+    "launcher, output, args",
+    [
+        (
+            "fid",
+            "fid_euler_step4_n8_seed0_b8_blocked.json",
+            ["--batch=16", "FID", "--num_samples=8"],
+        ),
+        ("sample", "samples/samples_euler_step4_n2_seed0_blocked.npz", []),
+        ("evaluate", "eval_euler_step4_n8_seed1234_blocked.json", []),
+    ],
+)
+def test_a_folder_in_place_of_an_output_file_is_refused_before_sampling(
+    main_job, inception_weights, launcher, output, args
+):
+    config, workdir, _ = main_job
+    blocked = os.path.join(workdir, output)
+    os.makedirs(blocked)
+    try:
+        weights = f"--config.eval.fid_weights={inception_weights}"
+        args = [weights if a == "FID" else a for a in args]
+        if launcher == "sample":
+            args.append("--num_samples=2")
+        result = _launch(launcher, config, workdir, "--tag=blocked", *args)
+        assert one_line_error(result) == (
+            f"error: {blocked!r} is a folder, where an output file is to be "
+            "written; move it out of the way or choose another --tag"
+        )
+    finally:
+        os.rmdir(blocked)

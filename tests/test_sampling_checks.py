@@ -230,3 +230,52 @@ def test_evaluation_of_a_coupling_other_than_inpainting_is_an_input_error():
     with pytest.raises(ValueError, match="coupling.name='superres'") as error:
         pipeline.check_inpainting(config)
     assert pipeline.input_errors.is_input_error(error.value)
+
+
+class _ShiftedBase:
+    """A coupling of one's own, changed in place between two samplings."""
+
+    def __init__(self, shift):
+        self.shift = shift
+
+    def __call__(self, key, x1, labels=None):
+        x0 = jnp.full_like(x1, self.shift)
+        return couplings.CouplingSample(
+            x0=x0, center=x0, sigma=0.0, cond=None, labels=labels
+        )
+
+
+def _standing_still(variables, x, t, **kwargs):
+    return jnp.zeros_like(x)  # x stays x0
+
+
+def _sample_with(coupling, interpolant=None):
+    samples, _, _ = evaluate.sample_coupling(
+        _standing_still,
+        {},
+        np.zeros((2, 4, 4, 1), np.float32),
+        None,
+        coupling,
+        interpolant or interpolants.linear(),
+        Settings("euler", 2),
+        jax.random.key(0),
+        pipeline.sharding.make_mesh(),
+    )
+    return samples
+
+
+def test_a_coupling_changed_in_place_is_sampled_as_it_is_now():
+    coupling = _ShiftedBase(0.5)
+    np.testing.assert_array_equal(_sample_with(coupling), 0.5)
+    coupling.shift = 0.25
+    np.testing.assert_array_equal(_sample_with(coupling), 0.25)
+
+
+def test_frozen_couplings_share_one_program_and_equal_ones_find_it():
+    before = evaluate._kept_program.cache_info()
+    independent = couplings.IndependentCoupling()
+    first = _sample_with(independent)
+    again = _sample_with(couplings.IndependentCoupling())  # equal, not the same
+    after = evaluate._kept_program.cache_info()
+    assert after.misses - before.misses == 1 and after.hits - before.hits == 1
+    np.testing.assert_array_equal(first, again)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -247,6 +248,16 @@ def make_loader_from_config(
     )
 
 
+def _as_int(value) -> int | None:
+    """``value`` as a Python int when it is an integer (numpy's too), else None."""
+    if isinstance(value, bool | np.bool_):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def eval_examples(
     data_config: Any, split: str | None = None, n: int = 16, start: int = 0
 ) -> dict:
@@ -267,13 +278,19 @@ def eval_examples(
         validate(data_config)
         split = _EVAL_SPLIT[_field(data_config, "name")]
     source, decode = data_source(data_config, split)
-    if not isinstance(start, int) or start < 0:
-        raise ValueError(f"start={start!r} must be an integer >= 0")
-    if not isinstance(n, int) or not 0 < n <= len(source) - start:
+    size = len(source)
+    first, count = _as_int(start), _as_int(n)
+    if first is None or not 0 <= first < size:
         raise ValueError(
-            f"n={n!r} examples requested from record {start} of split {split!r}, "
-            f"which holds {len(source)}; choose 1 <= n <= {len(source) - start}"
+            f"start={start!r} must be an integer in [0, {size}): split "
+            f"{split!r} holds {size} records"
         )
+    if count is None or not 0 < count <= size - first:
+        raise ValueError(
+            f"n={n!r} examples requested from record {first} of split {split!r}, "
+            f"which holds {size}; choose 1 <= n <= {size - first}"
+        )
+    start, n = first, count
     records = source.__getitems__(list(range(start, start + n)))
     decoded = [decode(record) for record in records]
     images = np.stack([image for image, _ in decoded])
