@@ -172,7 +172,6 @@ def check_trained_workdir(config, workdir: str) -> None:
 
 
 @input_errors.checks
-@input_errors.checks
 def check_output_files(*paths: str) -> None:
     """Raises, before any work, when an output file could not be written.
 
@@ -187,6 +186,7 @@ def check_output_files(*paths: str) -> None:
             )
 
 
+@input_errors.checks
 def check_output_folder(workdir: str) -> None:
     """Raises unless ``workdir/samples`` is, or can be made, a writable folder.
 
