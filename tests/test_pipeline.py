@@ -430,26 +430,16 @@ def test_evaluation_measures_fid_when_given_the_weights(main_job, inception_weig
     assert "fid_upsampled" not in record  # super-resolution only
 
 
-@pytest.mark.parametrize(
-    "override, words",
-    [
-        ("--config.eval.fid_weights=/absent/w.npz", "'/absent/w.npz' is not a file"),
-        ("--config.eval.fid_batch=0", "eval.fid_batch must be a positive integer"),
-        ("--config.eval.fid_reference=/absent/s.npz", "'/absent/s.npz' is not a file"),
-    ],
-)
-def test_fid_settings_are_refused_before_sampling(
-    main_job, inception_weights, override, words
-):
+def test_fid_settings_are_refused_before_sampling(main_job, inception_weights):
     config, workdir, _ = main_job
     evaluated = _launch(
         "evaluate",
         config,
         workdir,
         f"--config.eval.fid_weights={inception_weights}",
-        override,
+        "--config.eval.fid_reference=/absent/s.npz",
     )
-    assert words in one_line_error(evaluated)
+    assert "'/absent/s.npz' is not a file" in one_line_error(evaluated)
 
 
 def test_a_damaged_inception_file_is_refused_before_sampling(main_job, tmp_path):
@@ -538,7 +528,6 @@ def test_launch_fid_writes_its_metrics_and_picture(main_job, inception_weights):
     [
         ((), "launch.fid needs --config.eval.fid_weights"),
         (("FID", "--batch=3"), "--batch=3 must be a positive multiple of the number"),
-        (("FID", "--num_samples=100000"), "100000 images to sample"),
     ],
 )
 def test_launch_fid_refuses_bad_settings_in_one_line(
@@ -566,42 +555,53 @@ def test_the_main_job_reads_the_fid_files_before_training(main_job, tmp_path):
     [
         ("fid_reference", "/absent/s.npz", "needs eval.fid_weights"),
         ("fid_batch", 0, "eval.fid_batch must be a positive integer, got 0"),
+        ("fid_weights", "/absent/w.npz", "'/absent/w.npz' is not a file"),
     ],
 )
-def test_fid_fields_are_checked_without_fid_weights_too(main_job, field, value, words):
+def test_fid_fields_are_checked_with_the_sampler_settings(
+    main_job, field, value, words
+):
     config = main_job[0].copy_and_resolve_references()
     setattr(config.eval, field, value)
-    with pytest.raises(ValueError, match=re.escape(words)):
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(words)):
         pipeline.validate_sampling(config, pipeline.sharding.make_mesh())
 
 
-@pytest.mark.parametrize(
-    "launcher, output, args",
-    [
-        (
-            "fid",
-            "fid_euler_step4_n8_seed0_b8_blocked.json",
-            ["--batch=16", "FID", "--num_samples=8"],
-        ),
-        ("sample", "samples/samples_euler_step4_n2_seed0_blocked.npz", []),
-        ("evaluate", "eval_euler_step4_n8_seed1234_blocked.json", []),
-    ],
-)
 def test_a_folder_in_place_of_an_output_file_is_refused_before_sampling(
-    main_job, inception_weights, launcher, output, args
+    main_job, inception_weights
 ):
     config, workdir, _ = main_job
-    blocked = os.path.join(workdir, output)
+    blocked = os.path.join(workdir, "fid_euler_step4_n8_seed0_b8_blocked.json")
     os.makedirs(blocked)
     try:
-        weights = f"--config.eval.fid_weights={inception_weights}"
-        args = [weights if a == "FID" else a for a in args]
-        if launcher == "sample":
-            args.append("--num_samples=2")
-        result = _launch(launcher, config, workdir, "--tag=blocked", *args)
+        result = _launch(
+            "fid",
+            config,
+            workdir,
+            "--tag=blocked",
+            f"--config.eval.fid_weights={inception_weights}",
+            "--num_samples=8",
+            "--batch=16",  # the name tells the batch used: 8
+        )
         assert one_line_error(result) == (
             f"error: {blocked!r} is a folder, where an output file is to be "
             "written; move it out of the way or choose another --tag"
         )
     finally:
         os.rmdir(blocked)
+
+
+def test_output_files_are_checked_before_any_work(tmp_path):
+    from stochinterp.input_errors import is_input_error
+
+    pipeline.check_output_files(str(tmp_path / "a.json"), str(tmp_path / "new/b.png"))
+    assert (tmp_path / "new").is_dir()  # made ready, and proven writable
+    (tmp_path / "taken.npz").mkdir()
+    with pytest.raises(IsADirectoryError, match="taken.npz' is a folder") as caught:
+        pipeline.check_output_files(
+            str(tmp_path / "a.json"), str(tmp_path / "taken.npz")
+        )
+    assert is_input_error(caught.value)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="file' is a file, not a folder"):
+        pipeline.check_output_files(str(tmp_path / "file" / "c.json"))
