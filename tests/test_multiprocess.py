@@ -204,6 +204,7 @@ def test_two_processes_sample_the_whole_batch_like_one(two_processes, root, tmp_
         devices=2,
     )
     assert one.returncode == 0, one.stderr[-4000:]
+    assert "FID against ground truth: fid_sample " in one.stderr
     folder = os.path.join(workdir, "samples")
     two_files = [n for n in os.listdir(folder) if n.endswith("_two.npz")]
     one_files = [n for n in os.listdir(folder) if n.endswith("_one.npz")]
@@ -213,6 +214,8 @@ def test_two_processes_sample_the_whole_batch_like_one(two_processes, root, tmp_
     assert two["samples"].shape[0] == 4
     np.testing.assert_array_equal(two["x0"], one["x0"])
     np.testing.assert_allclose(two["samples"], one["samples"], rtol=1e-5, atol=1e-5)
-    fids = [json.loads(str(f["sampling"]))["fid_sample"] for f in (two, one)]
-    assert fids[0] > 0
+    records = [json.loads(str(f["sampling"])) for f in (two, one)]
+    fids = [record["fid_sample"] for record in records]
+    assert fids[0] > 0 and records[0]["fid_images"] == 4
+    assert "fid_upsampled" not in records[0]  # super-resolution only
     assert fids[0] == pytest.approx(fids[1], rel=1e-3)

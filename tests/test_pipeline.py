@@ -412,23 +412,6 @@ def test_evaluation_measures_fid_when_given_the_weights(main_job, inception_weig
     assert metrics["eval_settings"]["fid_batch"] == 3
     assert (metrics["fid_reference"], metrics["fid_images"]) == ("ground truth", 8)
 
-    sampled = _launch(
-        "sample",
-        config,
-        workdir,
-        f"--config.eval.fid_weights={inception_weights}",
-        "--num_samples=4",
-        "--tag=fid",
-    )
-    assert sampled.returncode == 0, sampled.stderr[-2000:]
-    assert "FID against ground truth: fid_sample " in sampled.stderr
-    with np.load(
-        os.path.join(workdir, "samples", "samples_euler_step4_n4_seed0_fid.npz")
-    ) as saved:
-        record = json.loads(str(saved["sampling"]))
-    assert record["fid_sample"] > 0 and record["fid_images"] == 4
-    assert "fid_upsampled" not in record  # super-resolution only
-
 
 def test_fid_settings_are_refused_before_sampling(main_job, inception_weights):
     config, workdir, _ = main_job
