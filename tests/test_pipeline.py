@@ -394,6 +394,7 @@ def inception_weights(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # compiles the sampler and the FID network in a launcher
 def test_evaluation_measures_fid_when_given_the_weights(main_job, inception_weights):
     config, workdir, _ = main_job
     evaluated = _launch(
@@ -484,6 +485,7 @@ def test_held_out_fid_accumulates_the_batches_of_a_key_per_batch(
     assert not np.array_equal(batches[0][0], batches[1][0])  # other images
 
 
+@pytest.mark.slow  # compiles the sampler and the FID network in a launcher
 def test_launch_fid_writes_its_metrics_and_picture(main_job, inception_weights):
     config, workdir, _ = main_job
     ran = _launch(
