@@ -52,7 +52,7 @@ def main(argv):
     import jax
     import numpy as np
 
-    from stochinterp import evaluate, pipeline, sharding
+    from stochinterp import evaluate, fid_eval, pipeline, sharding
 
     mesh = sharding.make_mesh()
     fid_setup, model, variables, step = pipeline.prepare_sampling(
@@ -98,8 +98,8 @@ def main(argv):
     if fid_setup is None:
         return
     # Every process takes part (the batch is split over all devices).
-    baselines = pipeline.fid_baselines(config, x1, sample)
-    record.update(pipeline.fid_metrics(fid_setup, x1, sample=samples, **baselines))
+    baselines = fid_eval.baselines(config, x1, sample)
+    record.update(fid_eval.measure(fid_setup, x1, sample=samples, **baselines))
     if jax.process_index() == 0:
         save(record)
         log.info(

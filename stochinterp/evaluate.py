@@ -26,6 +26,19 @@ from stochinterp import (
 from stochinterp.data import transforms
 
 
+def is_inpainting(config) -> bool:
+    """In-painting, coupled or the uncoupled baseline with the same inputs."""
+    cc = config.coupling
+    return cc.name == "inpainting" or (
+        cc.name == "independent" and cc.baseline_condition == "inpainting"
+    )
+
+
+def inpainting_mask(sample) -> np.ndarray:
+    """The mask of a coupled draw, or the uncoupled baseline's first channel."""
+    return sample.mask if sample.mask is not None else sample.cond[..., :1]
+
+
 def psnr_from_mse(mse: float, data_range: float = 2.0) -> float:
     """10 log10(range^2 / mse) in dB."""
     return float(10.0 * np.log10(data_range**2 / mse))

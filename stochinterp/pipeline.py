@@ -7,14 +7,12 @@ workdir.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -23,6 +21,7 @@ from stochinterp import (
     couplings,
     evaluate,
     fid,
+    fid_eval,
     input_errors,
     interpolants,
     samplers,
@@ -44,14 +43,6 @@ def mse_trend(history: list[float]) -> dict:
         "mse_last_10pct": last,
         "mse_ratio_last_first": last / first,
     }
-
-
-def is_inpainting(config) -> bool:
-    """In-painting, coupled or the uncoupled baseline with the same inputs."""
-    cc = config.coupling
-    return cc.name == "inpainting" or (
-        cc.name == "independent" and cc.baseline_condition == "inpainting"
-    )
 
 
 @input_errors.checks
@@ -83,7 +74,7 @@ def validate_sampling(
         raise ValueError(
             f"eval.grid_images must be >= 1, got {config.eval.grid_images}"
         )
-    check_fid_settings(config.eval, n)
+    fid_eval.check_settings(config.eval, n)
     settings = samplers.SamplerSettings.from_config(config.sampler)
     interpolant = interpolants.from_config(**config.interpolant)
     if settings.needs_score or interpolant.has_noise:
@@ -100,37 +91,6 @@ def validate_sampling(
         config.sampler.guidance_scale,
     )
     _guidance(config)
-
-
-def check_fid_settings(eval_config, num_images: int) -> None:
-    """Checks the ``eval.fid_*`` fields; ``fid_setup`` reads the files."""
-    batch = eval_config.fid_batch
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"eval.fid_batch must be a positive integer, got {batch!r}")
-    if not eval_config.fid_weights:
-        if eval_config.fid_reference:
-            raise ValueError(
-                f"eval.fid_reference={eval_config.fid_reference!r} needs "
-                "eval.fid_weights (the Inception weights) to measure FID"
-            )
-        return
-    if not os.path.isfile(eval_config.fid_weights):
-        raise FileNotFoundError(
-            f"eval.fid_weights={eval_config.fid_weights!r} is not a file; make "
-            "it with python -m launch.convert_inception, or set "
-            "eval.fid_weights='' for no FID"
-        )
-    reference = eval_config.fid_reference
-    if reference and not os.path.isfile(reference):
-        raise FileNotFoundError(
-            f"eval.fid_reference={reference!r} is not a file; give FID statistics "
-            "(.npz with mu and sigma), or '' to compare with the ground truth"
-        )
-    if num_images < 2:
-        raise ValueError(
-            f"FID needs at least 2 images to sample, got {num_images} "
-            "(eval.num_images or --num_samples)"
-        )
 
 
 @input_errors.checks
@@ -304,37 +264,6 @@ def sample_test_images(
     return x1, samples, sample, info, time.time() - began
 
 
-@dataclasses.dataclass(frozen=True)
-class FidSetup:
-    """The FID network and what samples are compared with.
-
-    ``reference`` is (mu, sigma) of ``eval.fid_reference``, or None to compare
-    with the ground-truth images of the same sampling.
-    """
-
-    extractor: fid.FeatureExtractor
-    reference: tuple[np.ndarray, np.ndarray] | None
-    reference_name: str
-
-
-@input_errors.checks
-def fid_setup(config, mesh, num_images: int) -> FidSetup | None:
-    """The FID network and reference statistics; None without eval.fid_weights.
-
-    Runs before sampling, so that a damaged file is reported before any work.
-    """
-    if not config.eval.fid_weights:
-        return None
-    check_fid_settings(config.eval, num_images)
-    extractor = fid.FeatureExtractor(
-        config.eval.fid_weights, mesh, batch_size=config.eval.fid_batch
-    )
-    path = config.eval.fid_reference
-    if path:
-        return FidSetup(extractor, fid.load_statistics(path), path)
-    return FidSetup(extractor, None, "ground truth")
-
-
 def prepare_sampling(
     config, workdir: str, mesh, num_images: int | None = None, seed: int | None = None
 ):
@@ -350,92 +279,32 @@ def prepare_sampling(
         ``eval.seed``, then named so in the messages).
 
     Returns:
-      (FidSetup or None, model, variables, step).
+      (fid_eval.FidSetup or None, model, variables, step).
     """
     validate_sampling(config, mesh, num_images, seed)
     check_trained_workdir(config, workdir)
     check_output_folder(workdir)
     num_images = config.eval.num_images if num_images is None else num_images
     check_held_out_size(config, num_images)
-    setup = fid_setup(config, mesh, num_images)
+    setup = fid_eval.load(config, mesh, num_images)
     model, variables, step = load_variables(config, workdir, mesh, config.eval.use_ema)
     return setup, model, variables, step
 
 
-def fid_baselines(config, x1: np.ndarray, sample=None) -> dict:
-    """Image sets besides the samples whose FID tells how good the samples are.
-
-    Super-resolution (coupled, or the uncoupled baseline conditioned on the
-    low-resolution image): ``upsampled``, the nearest-neighbour upsampled
-    low-resolution image U(D(x1)). In-painting (given the coupling's
-    ``sample``, whose mask it reads): ``mean_fill``, each hole filled with its
-    image's mean known colour. Others: none.
-
-    Args:
-      config: the full config.
-      x1: [n, H, W, C] the ground-truth images.
-      sample: the ``CouplingSample`` drawn for x1 (in-painting only).
-    """
-    coupling = config.coupling
-    if "superres" in (coupling.name, coupling.baseline_condition):
-        low = couplings.SuperResolutionCoupling(coupling.factor)
-        return {"upsampled": np.asarray(low.low_resolution(jnp.asarray(x1)))}
-    if is_inpainting(config) and sample is not None:
-        return {"mean_fill": evaluate.mean_fill(x1, _inpainting_mask(sample))}
-    return {}
-
-
-def _inpainting_mask(sample) -> np.ndarray:
-    """The mask of a coupled draw, or the uncoupled baseline's first channel."""
-    return sample.mask if sample.mask is not None else sample.cond[..., :1]
-
-
-def fid_metrics(setup: FidSetup, truth: np.ndarray, **image_sets) -> dict:
-    """``fid_<name>`` of each image set against the reference.
-
-    Args:
-      setup: from ``fid_setup``.
-      truth: [n, H, W, C] ground-truth images, the reference when
-        ``setup.reference`` is None.
-      **image_sets: name -> [m, H, W, C] images in [-1, 1].
-    """
-    start = time.time()
-    truth_stats = setup.extractor.statistics(truth) if setup.reference is None else None
-    stats = {name: setup.extractor.statistics(v) for name, v in image_sets.items()}
-    metrics = fid_values(setup, truth_stats, stats)
-    metrics.update(fid_images=int(len(truth)), fid_seconds=time.time() - start)
-    return metrics
-
-
-def fid_values(
-    setup: FidSetup,
-    truth: fid.FeatureStatistics | None,
-    image_sets: dict[str, fid.FeatureStatistics],
-) -> dict:
-    """``fid_<name>`` of each set's statistics against the reference.
-
-    The reference is ``setup.reference``, or ``truth``'s statistics when that
-    is None; ``fid_reference`` names it.
-    """
-    if setup.reference is None:
-        mu, sigma = truth.mean, truth.covariance
-    else:
-        mu, sigma = setup.reference
-    metrics = {
-        f"fid_{name}": fid.frechet_distance(stats.mean, stats.covariance, mu, sigma)
-        for name, stats in image_sets.items()
-    }
-    metrics["fid_reference"] = setup.reference_name
-    return metrics
-
-
 def held_out_fid(
-    config, model, variables, mesh, setup: FidSetup, n: int, batch: int, seed: int
+    config,
+    model,
+    variables,
+    mesh,
+    setup: fid_eval.FidSetup,
+    n: int,
+    batch: int,
+    seed: int,
 ) -> tuple[dict, tuple]:
     """FID of n held-out images sampled ``batch`` at a time.
 
     Only one batch of images is held at once: the features of each batch go
-    into running statistics (samples, the baselines of ``fid_baselines`` and,
+    into running statistics (samples, the baselines of ``fid_eval.baselines`` and,
     without ``eval.fid_reference``, the ground truth). Batch c (images
     c * batch onwards) draws with ``jax.random.fold_in(jax.random.key(seed), c)``,
     so the samples depend on ``batch`` as well as ``seed``. A last batch of
@@ -443,7 +312,7 @@ def held_out_fid(
 
     Args:
       config, model, variables, mesh: as for ``sample_test_images``.
-      setup: from ``fid_setup``.
+      setup: from ``fid_eval.load``.
       n: images in all; ``n`` and ``batch`` multiples of the device count.
       batch: images sampled at a time.
       seed: seed of the draws.
@@ -467,7 +336,7 @@ def held_out_fid(
             start,
             jax.random.fold_in(key, index),
         )
-        image_sets = {"sample": samples, **fid_baselines(config, x1, sample)}
+        image_sets = {"sample": samples, **fid_eval.baselines(config, x1, sample)}
         if truth:
             image_sets["truth"] = x1
         for name, images in image_sets.items():
@@ -485,7 +354,7 @@ def held_out_fid(
             seconds,
             seconds * (n - start - size) / (start + size),
         )
-    metrics = fid_values(setup, stats.pop("truth", None), stats)
+    metrics = fid_eval.distances(setup, stats.pop("truth", None), stats)
     record = sampling_record(config, info)
     metrics.update(
         fid_images=n,
@@ -501,7 +370,7 @@ def held_out_fid(
 @input_errors.checks
 def check_inpainting(config) -> None:
     """Raises unless the config is an in-painting one (what evaluation measures)."""
-    if not is_inpainting(config):
+    if not evaluate.is_inpainting(config):
         raise ValueError(
             "in-painting evaluation needs coupling.name='inpainting' (or "
             "'independent' with baseline_condition='inpainting'), got "
@@ -517,7 +386,7 @@ def evaluate_inpainting(
     workdir: str,
     mesh,
     picture: str = "inpaint.png",
-    fid_config: FidSetup | None = None,
+    fid_config: fid_eval.FidSetup | None = None,
 ) -> dict:
     """Samples the fixed test images, writes samples/<picture>, returns metrics.
 
@@ -527,11 +396,11 @@ def evaluate_inpainting(
     """
     check_inpainting(config)
     if fid_config is None:
-        fid_config = fid_setup(config, mesh, config.eval.num_images)
+        fid_config = fid_eval.load(config, mesh, config.eval.num_images)
     x1, samples, sample, info, seconds = sample_test_images(
         config, model, variables, mesh, config.eval.num_images, config.eval.seed
     )
-    mask = _inpainting_mask(sample)
+    mask = evaluate.inpainting_mask(sample)
     metrics = evaluate.inpainting_metrics(samples, x1, mask)
     metrics.update(
         sampling_record(config, info),
@@ -539,8 +408,8 @@ def evaluate_inpainting(
         num_images=int(x1.shape[0]),
     )
     if fid_config is not None:
-        baselines = fid_baselines(config, x1, sample)
-        metrics.update(fid_metrics(fid_config, x1, sample=samples, **baselines))
+        baselines = fid_eval.baselines(config, x1, sample)
+        metrics.update(fid_eval.measure(fid_config, x1, sample=samples, **baselines))
     if jax.process_index() == 0:
         k = min(config.eval.grid_images, x1.shape[0])
         rows = [evaluate.masked_input(x1[:k], mask[:k]), samples[:k], x1[:k]]
@@ -564,13 +433,13 @@ def train_and_evaluate(
     # launch.evaluate later: they are checked even when nothing is sampled now.
     validate_sampling(config, mesh)
     fid_config = None
-    if evaluate_after and is_inpainting(config):
+    if evaluate_after and evaluate.is_inpainting(config):
         with input_errors.checking_input():
             train.validate_config(config, mesh)
             data_lib.validate(config.data)
         check_held_out_size(config, config.eval.num_images)
         # Read now: a damaged weight file is reported before training.
-        fid_config = fid_setup(config, mesh, config.eval.num_images)
+        fid_config = fid_eval.load(config, mesh, config.eval.num_images)
     start = time.time()
     result = train.train(config, workdir, mesh)
     train_seconds = time.time() - start
@@ -593,7 +462,7 @@ def train_and_evaluate(
     }
     if result.history["mse"]:
         metrics.update(mse_trend(result.history["mse"]))
-    if evaluate_after and is_inpainting(config):
+    if evaluate_after and evaluate.is_inpainting(config):
         variables = (
             result.state.ema_params if config.eval.use_ema else result.state.params
         )

@@ -13,7 +13,7 @@ import pytest
 import scipy.linalg
 from _train_helpers import one_line_error
 
-from stochinterp import fid, pipeline
+from stochinterp import fid, fid_eval
 from stochinterp.models import inception
 
 
@@ -386,16 +386,16 @@ def test_fid_metrics_compare_with_the_ground_truth_or_given_statistics(
     rng = np.random.default_rng(11)
     truth = rng.uniform(-1, 1, (4, 16, 16, 3))
     other = rng.uniform(-1, 1, (4, 16, 16, 3))
-    setup = pipeline.FidSetup(extractor, None, "ground truth")
-    metrics = pipeline.fid_metrics(setup, truth, same=truth, other=other)
+    setup = fid_eval.FidSetup(extractor, None, "ground truth")
+    metrics = fid_eval.measure(setup, truth, same=truth, other=other)
     assert metrics["fid_same"] == pytest.approx(0, abs=1e-6)
     assert metrics["fid_other"] > 0.1
     assert (metrics["fid_reference"], metrics["fid_images"]) == ("ground truth", 4)
 
     # The truth's own statistics, saved and loaded, give the same numbers.
     fid.save_statistics(tmp_path / "s.npz", extractor.statistics(truth))
-    given = pipeline.FidSetup(extractor, fid.load_statistics(tmp_path / "s.npz"), "s")
-    again = pipeline.fid_metrics(given, truth[:2], other=other)
+    given = fid_eval.FidSetup(extractor, fid.load_statistics(tmp_path / "s.npz"), "s")
+    again = fid_eval.measure(given, truth[:2], other=other)
     assert again["fid_other"] == pytest.approx(metrics["fid_other"], rel=1e-9)
     assert again["fid_images"] == 2
 
@@ -583,14 +583,14 @@ def test_super_resolution_is_compared_with_its_upsampled_low_resolution_image():
     config = base.get_config()
     config.coupling.name = "superres"
     config.coupling.factor = 2
-    upsampled = pipeline.fid_baselines(config, x1)["upsampled"]
+    upsampled = fid_eval.baselines(config, x1)["upsampled"]
     # Each 2x2 block becomes its mean: rows 0-1, columns 0-1 of image 0 hold
     # 0, 1, 4, 5.
     np.testing.assert_allclose(upsampled[0, :2, :2, 0], np.full((2, 2), 2.5))
     np.testing.assert_allclose(upsampled[1, 2:, 2:, 0], np.full((2, 2), 16 + 12.5))
     config.coupling.name = "independent"
     config.coupling.baseline_condition = "superres"
-    assert set(pipeline.fid_baselines(config, x1)) == {"upsampled"}
+    assert set(fid_eval.baselines(config, x1)) == {"upsampled"}
     config.coupling.name = "inpainting"
     config.coupling.baseline_condition = "none"
-    assert pipeline.fid_baselines(config, x1) == {}
+    assert fid_eval.baselines(config, x1) == {}

@@ -13,7 +13,7 @@ from _train_helpers import one_line_error
 from PIL import Image
 
 from configs import inpaint_photos16
-from stochinterp import evaluate, pipeline
+from stochinterp import evaluate, fid_eval, pipeline
 
 
 def test_mean_fill_puts_each_images_known_mean_in_its_holes():
@@ -430,7 +430,7 @@ def test_a_damaged_inception_file_is_refused_before_sampling(main_job, tmp_path)
     config, workdir, _ = main_job
     np.savez(tmp_path / "w.npz", other=np.zeros(3))
     with pytest.raises(ValueError, match="lacks 470 of the 470 arrays"):
-        pipeline.fid_setup(
+        fid_eval.load(
             _with_fid(config, str(tmp_path / "w.npz")),
             pipeline.sharding.make_mesh(),
             8,
@@ -450,7 +450,7 @@ def test_held_out_fid_accumulates_the_batches_of_a_key_per_batch(
     config = _with_fid(config, inception_weights)
     mesh = pipeline.sharding.make_mesh()
     model, variables, _ = pipeline.load_variables(config, workdir, mesh, True)
-    setup = pipeline.fid_setup(config, mesh, 8)
+    setup = fid_eval.load(config, mesh, 8)
     programs = evaluate._kept_program.cache_info()
     metrics, (x1, samples, x0) = pipeline.held_out_fid(
         config, model, variables, mesh, setup, 8, 4, seed=3
@@ -469,12 +469,12 @@ def test_held_out_fid_accumulates_the_batches_of_a_key_per_batch(
         for c, start in enumerate((0, 4))
     ]
     truth = np.concatenate([b[0] for b in batches])
-    expected = pipeline.fid_metrics(
+    expected = fid_eval.measure(
         setup,
         truth,
         sample=np.concatenate([b[1] for b in batches]),
         mean_fill=np.concatenate(
-            [pipeline.fid_baselines(config, b[0], b[2])["mean_fill"] for b in batches]
+            [fid_eval.baselines(config, b[0], b[2])["mean_fill"] for b in batches]
         ),
     )
     for name in ("fid_sample", "fid_mean_fill"):
