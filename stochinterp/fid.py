@@ -218,9 +218,7 @@ class FeatureExtractor:
         if isinstance(weights, (str, os.PathLike)):
             weights = inception.load_weights(weights)
         self.mesh = sharding.make_mesh() if mesh is None else mesh
-        self.variables = jax.device_put(
-            jax.tree.map(np.asarray, weights), sharding.replicated(self.mesh)
-        )
+        self.variables = sharding.put_whole(weights, sharding.replicated(self.mesh))
         devices = self.mesh.devices.size
         self.batch_size = -(-batch_size // devices) * devices
         self._programs = {}
@@ -267,7 +265,7 @@ class FeatureExtractor:
             if real < padded:
                 fill = np.repeat(batch[-1:], padded - real, axis=0)
                 batch = np.concatenate([batch, fill])
-            put = jax.device_put(batch, sharding.batch_sharding(self.mesh))
+            put = sharding.put_whole(batch, sharding.batch_sharding(self.mesh))
             features = self._program(put)(self.variables, put)
             features = sharding.gather_to_host(features)
             out.append(np.asarray(features)[:real])

@@ -13,7 +13,7 @@ import pytest
 import scipy.linalg
 from _train_helpers import one_line_error
 
-from stochinterp import fid, fid_eval
+from stochinterp import fid, fid_eval, sharding
 from stochinterp.models import inception
 
 
@@ -361,6 +361,19 @@ def test_features_in_padded_sharded_batches_equal_one_pass(extractor):
     )
     np.testing.assert_allclose(features, one_pass, rtol=1e-5, atol=1e-4)
     assert np.std(features, axis=0).mean() > 0.01
+
+
+def test_weights_and_batches_are_placed_whole_on_each_device_or_split():
+    mesh = sharding.make_mesh()
+    batch = np.arange(12.0).reshape(4, 3)
+    weights = {"w": np.arange(6.0).reshape(2, 3)}
+    split = sharding.put_whole(batch, sharding.batch_sharding(mesh))
+    whole = sharding.put_whole(weights, sharding.replicated(mesh))["w"]
+    assert [s.data.shape for s in split.addressable_shards] == [(2, 3), (2, 3)]
+    np.testing.assert_array_equal(split.addressable_shards[1].data, batch[2:])
+    assert len(whole.addressable_shards) == 2 and whole.sharding.is_fully_replicated
+    for shard in whole.addressable_shards:
+        np.testing.assert_array_equal(shard.data, weights["w"])
 
 
 def test_images_are_measured_as_an_8bit_file_holds_them():

@@ -182,7 +182,10 @@ def test_two_processes_sample_the_whole_batch_like_one(two_processes, root, tmp_
                 *flags,
                 f"--process_id={i}",
             ],
-            env=helpers.env(root, devices=1),
+            # One core each, as one device each: two processes whose BLAS
+            # threads share both cores take twice as long over FID's
+            # eigendecompositions.
+            env=helpers.env(root, devices=1, OPENBLAS_NUM_THREADS="1"),
             cwd=helpers.REPO,
             stderr=subprocess.PIPE,
             text=True,
