@@ -17,8 +17,10 @@ truth, clipped to [-1, 1]), where ``<name>`` is ``<method>_step<N>``, then
 
 With ``--config.eval.fid_weights=W.npz`` the record also holds FID
 (``stochinterp.fid``): ``fid_sample`` against the ground truth (or against
-``eval.fid_reference``'s statistics) and, for super-resolution,
-``fid_upsampled`` of the upsampled low-resolution images.
+``eval.fid_reference``'s statistics) and the baseline of
+``stochinterp.fid_eval.baselines``: for super-resolution ``fid_upsampled`` of
+the upsampled low-resolution images, for in-painting ``fid_mean_fill`` of the
+mean-filled masked images.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ flags.DEFINE_integer("num_samples", 16, "number of samples (multiple of the devi
 flags.DEFINE_integer("seed", 0, "seed for the coupling and SDE noise")
 _common.define_output_flags()
 FLAGS = flags.FLAGS
-_FID_SETS = ("fid_sample", "fid_upsampled")
+_FID_SETS = ("fid_sample", "fid_upsampled", "fid_mean_fill")
 
 
 def main(argv):

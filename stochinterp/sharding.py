@@ -46,6 +46,11 @@ def put_whole(tree, target: NamedSharding):
 
     def put(x):
         x = np.asarray(x)
+        if len(target.spec) > x.ndim:
+            raise ValueError(
+                f"an array of shape {x.shape} cannot be placed as {target.spec}: "
+                f"that splits {len(target.spec)} axes"
+            )
         return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
 
     return jax.tree.map(put, tree)

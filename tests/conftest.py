@@ -3,8 +3,10 @@
 XLA compiles at backend optimization level 0: the tests compile far more
 programs than they run steps, and level 0 compiles a U-Net in about half the
 time (the same XLA programs, with less LLVM optimization of their kernels). Set
-``XLA_FLAGS`` yourself to test with other settings, e.g.
-``XLA_FLAGS=--xla_force_host_platform_device_count=2`` for XLA's defaults.
+``XLA_FLAGS`` yourself to run this process under other settings, e.g.
+``XLA_FLAGS=--xla_force_host_platform_device_count=2`` for XLA's defaults;
+the workers and launchers the tests start set their own
+(``_train_helpers.env``).
 
 Launchers run by the tests keep their compilation cache in a folder of the
 test session, not in the user's cache folder.

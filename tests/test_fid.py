@@ -374,6 +374,10 @@ def test_weights_and_batches_are_placed_whole_on_each_device_or_split():
     assert len(whole.addressable_shards) == 2 and whole.sharding.is_fully_replicated
     for shard in whole.addressable_shards:
         np.testing.assert_array_equal(shard.data, weights["w"])
+    scalar = sharding.put_whole(np.float32(2), sharding.replicated(mesh))
+    assert scalar.shape == () and float(scalar) == 2.0
+    with pytest.raises(ValueError, match=r"shape \(\) cannot be placed as"):
+        sharding.put_whole(np.float32(2), sharding.batch_sharding(mesh))
 
 
 def test_images_are_measured_as_an_8bit_file_holds_them():

@@ -9,6 +9,7 @@ workdir.
 
 import json
 import os
+import re
 import signal
 import subprocess
 
@@ -207,7 +208,10 @@ def test_two_processes_sample_the_whole_batch_like_one(two_processes, root, tmp_
         devices=2,
     )
     assert one.returncode == 0, one.stderr[-4000:]
-    assert "FID against ground truth: fid_sample " in one.stderr
+    logged = re.search(
+        r"FID against ground truth: fid_sample \S+, fid_mean_fill", one.stderr
+    )
+    assert logged, one.stderr[-2000:]
     folder = os.path.join(workdir, "samples")
     two_files = [n for n in os.listdir(folder) if n.endswith("_two.npz")]
     one_files = [n for n in os.listdir(folder) if n.endswith("_one.npz")]
@@ -221,4 +225,5 @@ def test_two_processes_sample_the_whole_batch_like_one(two_processes, root, tmp_
     fids = [record["fid_sample"] for record in records]
     assert fids[0] > 0 and records[0]["fid_images"] == 4
     assert "fid_upsampled" not in records[0]  # super-resolution only
+    assert records[0]["fid_mean_fill"] > 0  # the in-painting baseline
     assert fids[0] == pytest.approx(fids[1], rel=1e-3)
