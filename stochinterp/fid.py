@@ -90,8 +90,8 @@ def frechet_distance(
 
     The trace of the matrix square root comes from eigenvalues of symmetric
     matrices: tr((S_1 S_2)^1/2) = sum sqrt(eig(S_1^1/2 S_2 S_1^1/2)), which
-    holds for singular covariances too (fewer images than features); round-off
-    below zero is clipped.
+    holds for singular covariances too (fewer images than features):
+    eigenvalues within round-off of zero count as zero.
 
     Args:
       mean1, mean2: [dim].
@@ -118,9 +118,9 @@ def frechet_distance(
     values, vectors = np.linalg.eigh(cov1)
     check_covariance(cov1, "cov1", values)
     check_covariance(cov2, "cov2")
-    root1 = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    root1 = (vectors * np.sqrt(_round_off_to_zero(values))) @ vectors.T
     middle = root1 @ cov2 @ root1
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None))
+    cross = np.sqrt(_round_off_to_zero(np.linalg.eigvalsh((middle + middle.T) / 2)))
     distance = (
         np.sum(np.square(mean1 - mean2))
         + np.trace(cov1)
@@ -128,6 +128,18 @@ def frechet_distance(
         - 2 * np.sum(cross)
     )
     return float(max(distance, 0.0))
+
+
+def _round_off_to_zero(eigenvalues: np.ndarray) -> np.ndarray:
+    """Eigenvalues with those within round-off of zero set to zero.
+
+    With fewer images than features most eigenvalues are zero, and come out
+    as round-off of either sign; their square roots (about 1e-6 of the
+    largest one's each) would add up over thousands of them and make the
+    distance depend on the order of the sums.
+    """
+    floor = len(eigenvalues) * np.finfo(np.float64).eps * np.abs(eigenvalues).max()
+    return np.where(eigenvalues > floor, eigenvalues, 0.0)
 
 
 def check_covariance(cov: np.ndarray, name: str, eigenvalues=None) -> None:
