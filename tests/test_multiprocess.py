@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 
+import _inception
 import _train_helpers as helpers
 import numpy as np
 import pytest
@@ -157,17 +158,7 @@ def test_two_processes_sample_the_whole_batch_like_one(two_processes, root, tmp_
 
     FID is measured too: its network runs over both processes' devices.
     """
-    import jax
-
-    from stochinterp.models import inception
-
-    weights = str(tmp_path / "inception.npz")
-    inception.save_weights(
-        weights,
-        inception.InceptionFeatures().init(
-            jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32)
-        ),
-    )
+    weights = _inception.write_random_weights(str(tmp_path / "inception.npz"))
     workdir, _ = two_processes
     address = f"127.0.0.1:{helpers.free_port()}"
     flags = [

@@ -6,6 +6,7 @@ import re
 import shutil
 import signal
 
+import _inception
 import jax
 import numpy as np
 import pytest
@@ -397,15 +398,9 @@ def test_a_sigterm_during_the_final_save_ends_the_run_unevaluated(
 
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory):
-    """A weight file of the FID network with its random initial values."""
-    from stochinterp.models import inception
-
-    variables = inception.InceptionFeatures().init(
-        jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32)
-    )
-    path = str(tmp_path_factory.mktemp("inception") / "inception.npz")
-    inception.save_weights(path, variables)
-    return path
+    """A weight file of the FID network with random values."""
+    folder = tmp_path_factory.mktemp("inception")
+    return _inception.write_random_weights(str(folder / "inception.npz"))
 
 
 @pytest.mark.slow  # compiles the sampler and the FID network in a launcher
@@ -462,6 +457,7 @@ def test_held_out_fid_accumulates_the_batches_of_a_key_per_batch(
 ):
     config, workdir, _ = main_job
     config = _with_fid(config, inception_weights)
+    config.eval.fid_batch = 4  # the FID network compiled once, for 4 images
     mesh = pipeline.sharding.make_mesh()
     model, variables, _ = pipeline.load_variables(config, workdir, mesh, True)
     setup = fid_eval.load(config, mesh, 8)
