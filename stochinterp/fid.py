@@ -109,10 +109,10 @@ def frechet_distance(
     mean1, cov1, mean2, cov2 = arrays.values()
     dim = mean1.shape[-1] if mean1.ndim == 1 else None
     shapes = [a.shape for a in arrays.values()]
-    if dim is None or shapes != [(dim,), (dim, dim), (dim,), (dim, dim)]:
+    if not dim or shapes != [(dim,), (dim, dim), (dim,), (dim, dim)]:
         raise ValueError(
             f"means and covariances of shapes {shapes}, expected [d], [d, d], "
-            "[d], [d, d] with one d"
+            "[d], [d, d] with one d >= 1"
         )
 
     values, vectors = np.linalg.eigh(cov1)

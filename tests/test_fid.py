@@ -155,6 +155,7 @@ def test_statistics_keep_their_digits_under_a_large_common_offset():
         ((np.zeros(2), np.eye(3), np.zeros(2), np.eye(2)), "[(2,), (3, 3)"),
         ((np.zeros((2, 2)), np.eye(2), np.zeros(2), np.eye(2)), "[(2, 2), (2, 2)"),
         ((np.zeros(2), np.eye(2), np.full(2, np.nan), np.eye(2)), "mean2 holds"),
+        ((np.zeros(0), np.eye(0), np.zeros(0), np.eye(0)), "[(0,), (0, 0)"),
     ],
 )
 def test_frechet_distance_names_bad_inputs(args, words):
