@@ -10,7 +10,7 @@ import _inception
 import jax
 import numpy as np
 import pytest
-from _train_helpers import one_line_error
+from _train_helpers import REPO, one_line_error
 from PIL import Image
 
 from configs import inpaint_photos16
@@ -215,7 +215,6 @@ def _launch(name, config, workdir, *overrides):
     import subprocess
     import sys
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     command = [
         sys.executable,
         "-m",
@@ -230,7 +229,7 @@ def _launch(name, config, workdir, *overrides):
         *overrides,
     ]
     return subprocess.run(
-        command, cwd=repo, capture_output=True, text=True, timeout=300
+        command, cwd=REPO, capture_output=True, text=True, timeout=300
     )
 
 
@@ -326,13 +325,12 @@ def test_the_main_job_beats_the_mean_fill_baseline(tmp_path):
     import subprocess
     import sys
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     workdir = tmp_path / "workdir"
     command = [sys.executable, "-m", "launch.train", f"--workdir={workdir}"]
     command.append(f"--config.data.data_dir={tmp_path / 'data'}")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     run = subprocess.run(
-        command, cwd=repo, env=env, capture_output=True, text=True, timeout=900
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900
     )
     assert run.returncode == 0, run.stderr[-3000:]
     with open(workdir / "metrics.json") as f:
