@@ -18,10 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stochinterp import samplers
-from stochinterp.interpolants import Interpolant, broadcast_time
+from stochinterp import samplers, sharding
+from stochinterp.interpolants import Interpolant, _is_real, broadcast_time
 
 Field = Callable[[jax.Array, jax.Array, dict], jax.Array]
+
+
+def _work_dtype(x: jax.Array):
+    """The state's dtype, at least float32: time in bfloat16 is too coarse
+    (0.999 rounds to 1)."""
+    return jnp.promote_types(x.dtype, jnp.float32)
 
 
 def _batch_times(t: jax.Array, batch: int) -> jax.Array:
@@ -90,15 +96,16 @@ def guided(field: Field, scale: float, null_label: int) -> Field:
     is the batch is repeated to match; other leaves (scalars, tables) pass
     unchanged.
 
+    ``null_label`` must be the network's null class (``UNet.null_label``):
+    the labels are traced inside a sampler, so a label past the network's
+    class embedding is not caught there and gives NaN samples.
+
     Raises:
       ValueError: for a scale that is not a finite number (a traced scale
         passes) or a null label that is not an integer >= 0; checked here,
         before any call.
     """
-    if scale is None or isinstance(scale, bool | str):
-        raise ValueError(f"guidance scale must be a finite number, got {scale!r}")
-    if isinstance(scale, numbers.Real) and not np.isfinite(scale):
-        raise ValueError(f"guidance scale must be finite, got {scale}")
+    _check_scale(scale)
     if (
         isinstance(null_label, bool)
         or not isinstance(null_label, numbers.Integral)
@@ -127,6 +134,18 @@ def guided(field: Field, scale: float, null_label: int) -> Field:
     return guided_field
 
 
+def _check_scale(scale) -> None:
+    """Raises unless ``scale`` is one finite real number (a traced one passes)."""
+    bad = f"guidance scale must be one finite real number, got {scale!r}"
+    if scale is None or isinstance(scale, bool | str) or np.ndim(scale) != 0:
+        raise ValueError(bad)
+    values = sharding.host_values(scale)
+    if values is None:
+        return
+    if not _is_real(values.dtype) or not np.isfinite(values):
+        raise ValueError(bad)
+
+
 def score_from_velocity(
     velocity: Field, interpolant: Interpolant, center: jax.Array, sigma
 ) -> Field:
@@ -143,22 +162,45 @@ def score_from_velocity(
     Args:
       velocity: the field b(t, x, xi).
       interpolant: the path (gamma must be 0).
-      center: [batch, ...] c.
+      center: c, [batch, ...] or broadcasting against x.
       sigma: float or array broadcasting against x.
+
+    Raises:
+      ValueError: for gamma != 0, and for center and sigma that do not
+        broadcast against each other (here) or against x (when called).
     """
     if interpolant.has_noise:
         raise ValueError(
             "score_from_velocity needs gamma = 0; with gamma > 0 use the "
             "denoiser: score = -g / gamma"
         )
+    center_shape, sigma_shape = np.shape(center), np.shape(sigma)
+
+    def check_shapes(x_shape=None):
+        wanted = [] if x_shape is None else [x_shape]
+        try:
+            joint = np.broadcast_shapes(center_shape, sigma_shape, *wanted)
+        except ValueError:
+            joint = None
+        if joint is None or (x_shape is not None and joint != x_shape):
+            against = "each other" if x_shape is None else f"the state x {x_shape}"
+            raise ValueError(
+                f"score_from_velocity: center {center_shape} and sigma "
+                f"{sigma_shape} must broadcast against {against}"
+            )
+
+    check_shapes()
 
     def score(t, x, xi):
+        check_shapes(x.shape)
         b = velocity(t, x, xi)
-        t = broadcast_time(jnp.asarray(t, x.dtype), x)
+        dtype = _work_dtype(x)
+        t = broadcast_time(jnp.asarray(t, dtype), x)
         alpha, beta = interpolant.alpha(t), interpolant.beta(t)
         alpha_dot, beta_dot = interpolant.alpha_dot(t), interpolant.beta_dot(t)
+        x = x.astype(dtype)
         x0_mean = (beta_dot * x - beta * b) / (alpha * beta_dot - alpha_dot * beta)
-        var = alpha * jnp.square(jnp.asarray(sigma, x.dtype))
+        var = alpha * jnp.square(jnp.asarray(sigma, dtype))
         safe = jnp.where(var > 0, var, 1.0)
         return jnp.where(var > 0, -(x0_mean - center) / safe, 0.0)
 
@@ -173,7 +215,7 @@ def score_from_denoiser(denoiser: Field, interpolant: Interpolant) -> Field:
         )
 
     def score(t, x, xi):
-        gamma = interpolant.gamma(broadcast_time(jnp.asarray(t, x.dtype), x))
+        gamma = interpolant.gamma(broadcast_time(jnp.asarray(t, _work_dtype(x)), x))
         return -denoiser(t, x, xi) / gamma
 
     return score
@@ -219,6 +261,12 @@ def sde_variance(
       (variance after the last step, V(t_max)), float64 arrays shaped like
       ``data_variance`` (inf where the steps overflow).
     """
+    if settings.method != "euler_maruyama":
+        raise ValueError(
+            f"sde_variance models 'euler_maruyama' steps, got method "
+            f"{settings.method!r}"
+        )
+    _check_noise_scale(sigma, guidance_scale)
     k = max(1.0, guidance_scale, 1.0 - guidance_scale)
     times, steps = samplers.time_grid(settings, np.float64)
     t = times[:-1]
@@ -251,6 +299,22 @@ def sde_variance(
         at(interpolant.beta, t_max) ** 2 * v[:, 0]
     )
     return final.reshape(shape), exact.reshape(shape)
+
+
+def _check_noise_scale(sigma, guidance_scale) -> None:
+    """Raises unless sigma is one finite number >= 0 and the scale is finite."""
+    _check_scale(guidance_scale)
+    values = None if np.ndim(sigma) else sharding.host_values(sigma)
+    if (
+        isinstance(sigma, bool)
+        or values is None
+        or not _is_real(values.dtype)
+        or not 0 <= values < np.inf
+    ):
+        raise ValueError(
+            "sigma must be one finite number >= 0 (the smallest base noise scale "
+            f"on the pixels that move: couplings.base_noise_scale), got {sigma!r}"
+        )
 
 
 def sde_excess_spread(
@@ -301,6 +365,7 @@ def check_velocity_score_steps(
     'bump' at scale 1 and 100 steps triples the spread of a pixel whose
     target standard deviation is 0.01 (0.032); 1000 steps get it within 4 %.
     """
+    _check_noise_scale(sigma, guidance_scale)
     if not settings.needs_score:
         return
     what = (

@@ -112,6 +112,10 @@ class Interpolant:
         values = sharding.host_values(t)
         if values is None:
             return
+        if not _is_real(values.dtype):
+            raise ValueError(
+                f"interpolant {self.name!r}: {method} needs real times t, got {t!r}"
+            )
         if open_ends:
             inside, wanted = (values > 0) & (values < 1), "0 < t < 1"
         else:
@@ -124,10 +128,11 @@ class Interpolant:
             )
 
     def _combine(self, t, x0, x1, z, a, b, g):
+        x0, x1 = jnp.asarray(x0), jnp.asarray(x1)  # NumPy arrays and lists too
         t = broadcast_time(t, x0)
         out = a(t) * x0 + b(t) * x1
         if self.has_noise:
-            out = out + g(t) * z
+            out = out + g(t) * jnp.asarray(z)
         return out
 
 
@@ -173,6 +178,11 @@ def _sqrt_gamma(a: float) -> tuple[ScalarFn, ScalarFn]:
     return gamma, gamma_dot
 
 
+def _is_real(dtype) -> bool:
+    """Integer or floating point, bfloat16 included (not bool or complex)."""
+    return jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+
+
 def _real_scalar(name: str, value) -> float | None:
     """A real scalar's value as a float; None when it is traced.
 
@@ -183,10 +193,7 @@ def _real_scalar(name: str, value) -> float | None:
     values = sharding.host_values(value)
     if values is None:
         return None
-    if not (
-        np.issubdtype(values.dtype, np.integer)
-        or np.issubdtype(values.dtype, np.floating)
-    ):
+    if not _is_real(values.dtype):
         raise ValueError(f"{name} must be a real number, got {value!r}")
     return float(values)
 
@@ -373,7 +380,18 @@ def _check_functions(**functions) -> None:
 
 
 def _check_ends(name: str, fn: ScalarFn, at0: float, at1: float) -> None:
-    got = jnp.asarray(fn(jnp.array([0.0, 1.0])))
+    try:
+        got = jnp.asarray(fn(jnp.array([0.0, 1.0])))
+    except (TypeError, jax.errors.JAXTypeError) as e:
+        raise ValueError(
+            f"{name} must be an elementwise function written with jax.numpy; "
+            f"{name}(jnp.array([0., 1.])) raised {type(e).__name__}: {e}"
+        ) from e
+    if got.shape != (2,):
+        raise ValueError(
+            f"{name} must be elementwise; {name}(jnp.array([0., 1.])) has shape "
+            f"{got.shape}, expected (2,)"
+        )
     if not jnp.allclose(got, jnp.array([at0, at1]), atol=1e-6):
         raise ValueError(
             f"custom interpolant needs {name}(0)={at0} and {name}(1)={at1}; got "
@@ -393,7 +411,9 @@ def _pinned(fn: ScalarFn, at0: float, at1: float) -> ScalarFn:
 
 def _elementwise_derivative(fn: ScalarFn) -> ScalarFn:
     def derivative(t):
-        t = jnp.asarray(t, jnp.result_type(float))
+        t = jnp.asarray(t)  # keeps its precision (and a Python float weak)
+        if not jnp.issubdtype(t.dtype, jnp.floating):
+            t = t.astype(jnp.result_type(float))
         return jax.jvp(fn, (t,), (jnp.ones_like(t),))[1]
 
     return derivative
@@ -416,17 +436,28 @@ def from_config(
 def check_time_range(
     t_min: float, t_max: float, interpolant: Interpolant | None = None
 ) -> None:
-    """Raises a ValueError unless 0 <= t_min < t_max <= 1.
+    """Raises a ValueError unless 0 <= t_min < t_max <= 1 (concrete numbers).
 
     Given an interpolant whose gamma_dot is unbounded at the ends (the
     square-root family), it also requires 0 < t_min and t_max < 1.
     """
+    for name, value in (("t_min", t_min), ("t_max", t_max)):
+        if isinstance(value, bool) or _real_scalar(name, value) is None:
+            raise ValueError(f"{name} must be a real number, got {value!r}")
     if not 0.0 <= t_min < t_max <= 1.0:
         raise ValueError(
             f"time range must satisfy 0 <= t_min < t_max <= 1, got "
             f"t_min={t_min}, t_max={t_max}"
         )
-    if np.float32(t_min) >= np.float32(t_max):
+    tiny = np.finfo(np.float32).tiny
+    for name, value in (("t_min", t_min), ("t_max", t_max)):
+        if 0.0 < value < tiny:
+            raise ValueError(
+                f"{name}={value} is below float32's smallest normal number "
+                f"({tiny:.3g}), which XLA flushes to zero; use "
+                f"{'0 or ' if name == 't_min' else ''}at least {tiny:.3g}"
+            )
+    if np.float32(t_max) - np.float32(t_min) < tiny:
         raise ValueError(
             f"t_min={t_min} and t_max={t_max} are the same number in float32, "
             "the precision times are computed in; widen the time range"

@@ -118,7 +118,20 @@ def make_loss_fn(
       t_min, t_max: the time range of training.
       denoiser: also train a denoiser head (network output has 2C channels);
         needs gamma > 0.
+
+    Raises:
+      ValueError: for arguments of the wrong kind, a bad time range or a
+        denoiser with gamma = 0 (here), and for a coupling that does not
+        return a ``CouplingSample`` (when the loss is called).
     """
+    for name, value in (("apply_fn", apply_fn), ("coupling", coupling)):
+        if not callable(value):
+            raise ValueError(f"{name} must be callable, got {value!r}")
+    if not isinstance(interpolant, interp_lib.Interpolant):
+        raise ValueError(
+            f"interpolant must be an Interpolant (e.g. interpolants.linear()), got "
+            f"{interpolant!r}"
+        )
     interp_lib.check_time_range(t_min, t_max, interpolant)
     if denoiser and not interpolant.has_noise:
         raise ValueError(
@@ -128,6 +141,11 @@ def make_loss_fn(
     def loss_fn(params, key, x1, labels=None):
         key_couple, key_t, key_z = jax.random.split(key, 3)
         sample: CouplingSample = coupling(key_couple, x1, labels)
+        if not isinstance(sample, CouplingSample):
+            raise ValueError(
+                f"the coupling must return a CouplingSample, got "
+                f"{type(sample).__name__}"
+            )
         t = interp_lib.sample_times(key_t, x1.shape[0], t_min, t_max)
         z = None
         if interpolant.has_noise:

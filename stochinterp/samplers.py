@@ -434,6 +434,9 @@ def make_sampler(
     jitted = jax.jit(sample, out_shardings=(batch_sharding, sharding.replicated(mesh)))
 
     def sharded_sample(x0, xi, key=None, mask=None):
+        # NumPy arrays of nested lists, as integrate takes them.
+        x0 = x0 if hasattr(x0, "shape") else np.asarray(x0)
+        mask = mask if mask is None or hasattr(mask, "shape") else np.asarray(mask)
         sharding.check_global_batch(x0.shape[0], mesh)
         _check_finite_x0(x0)
         _check_mask_values(mask)
@@ -471,6 +474,10 @@ def check_info(info: SamplerInfo) -> SamplerInfo:
 
 
 def _check_fields(settings: SamplerSettings, score) -> None:
+    if not isinstance(settings, SamplerSettings):
+        raise ValueError(
+            f"settings must be a SamplerSettings, got {type(settings).__name__}"
+        )
     if settings.needs_score and score is None:
         raise ValueError(
             f"method 'euler_maruyama' with eps_scale={settings.eps_scale} needs a "

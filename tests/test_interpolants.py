@@ -1,5 +1,7 @@
 """Interpolants: exact ends, analytic derivatives, time ranges."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -156,9 +158,19 @@ def test_time_range_checks():
     # Distinct as Python floats, one number in float32.
     with pytest.raises(ValueError, match="same number in float32"):
         interpolants.check_time_range(0.5, 0.5 + 1e-9)
-    with pytest.raises(ValueError, match="same number in float32"):
+    tiny = float(np.finfo(np.float32).tiny)
+    # XLA flushes float32 numbers below the smallest normal one to zero.
+    with pytest.raises(ValueError, match="t_min=1e-300 is below float32's smallest"):
         interpolants.check_time_range(1e-300, 2e-300)
+    with pytest.raises(ValueError, match="t_max=1e-40 is below.*use at least 1.18e-38"):
+        interpolants.check_time_range(0.0, 1e-40)
+    with pytest.raises(ValueError, match="same number in float32"):
+        interpolants.check_time_range(tiny, tiny * (1 + 2**-22))
+    interpolants.check_time_range(0.0, tiny)
     interpolants.check_time_range(0.5, 0.5 + 1e-7)  # float32 steps of 6e-8 here
+    for bad in ("0", None, 1j, True, [0.0]):
+        with pytest.raises(ValueError, match="t_min must be a (real number|scalar)"):
+            interpolants.check_time_range(bad, 1.0)
 
 
 def test_sample_times_cover_the_range():
@@ -263,6 +275,40 @@ def test_custom_needs_functions():
             gamma="sqrt",
             gamma_dot=lambda t: t,
         )
+
+
+def test_custom_names_functions_that_are_not_elementwise_jax():
+    with pytest.raises(ValueError, match=r"alpha must be an elementwise .*TypeError"):
+        interpolants.custom(alpha=lambda t: math.cos(t), beta=lambda t: t)
+    with pytest.raises(ValueError, match=r"beta.* has shape \(\), expected \(2,\)"):
+        interpolants.custom(alpha=lambda t: 1 - t, beta=lambda t: jnp.sum(t))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_custom_derivatives_keep_the_precision_of_the_family_paths(dtype):
+    path = interpolants.custom(alpha=lambda t: 1 - t, beta=lambda t: t)
+    x0, x1 = jnp.zeros((2, 3), dtype), jnp.ones((2, 3), dtype)
+    for t in (0.25, jnp.array([0.25, 0.5], dtype)):
+        ours = path.dx_t(t, x0, x1)
+        theirs = interpolants.linear().dx_t(t, x0, x1)
+        assert ours.dtype == theirs.dtype == dtype
+        np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(path.alpha_dot(jnp.array([0, 1])), [-1.0, -1.0])
+
+
+@pytest.mark.parametrize("method", ["x_t", "dx_t"])
+@pytest.mark.parametrize("bad", ["0.5", None, 0.5j])
+def test_times_that_are_not_real_numbers_are_named(method, bad):
+    x = jnp.ones((1, 2))
+    with pytest.raises(ValueError, match=f"needs real times t, got {bad!r}"):
+        getattr(interpolants.linear(), method)(bad, x, x)
+
+
+def test_paths_take_nested_lists():
+    got = interpolants.linear(gamma="sqrt").x_t(
+        0.5, [[1.0, 2.0]], [[3.0, 4.0]], [[1.0, 1.0]]
+    )
+    np.testing.assert_allclose(got, [[2.5, 3.5]])
 
 
 def test_sample_times_checks_numpy_and_array_bounds():

@@ -142,6 +142,25 @@ def test_denoiser_term_and_its_checks():
         bad(plain_init(jax.random.key(0), 5, 3), jax.random.key(0), _images())
 
 
+def test_make_loss_fn_names_arguments_of_the_wrong_kind():
+    apply_fn, init = _affine_net()
+    path, coupling = interpolants.linear(), InpaintingCoupling(grid=4)
+    with pytest.raises(ValueError, match="apply_fn must be callable, got None"):
+        losses.make_loss_fn(None, path, coupling, 0.0, 1.0)
+    with pytest.raises(ValueError, match="coupling must be callable, got 'inpaint'"):
+        losses.make_loss_fn(apply_fn, path, "inpaint", 0.0, 1.0)
+    with pytest.raises(ValueError, match="must be an Interpolant .* got 'linear'"):
+        losses.make_loss_fn(apply_fn, "linear", coupling, 0.0, 1.0)
+
+    def as_dict(key, x1, labels=None):
+        return coupling(key, x1, labels).xi
+
+    loss_fn = losses.make_loss_fn(apply_fn, path, as_dict, 0.0, 1.0)
+    params = init(jax.random.key(0), 3 + 1 + 1, 3)
+    with pytest.raises(ValueError, match="must return a CouplingSample, got dict"):
+        loss_fn(params, jax.random.key(1), _images())
+
+
 def test_loss_by_time_bin_counts():
     t = jnp.array([0.01, 0.02, 0.30, 0.26, 0.99, 1.0, 0.55])
     values = jnp.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])

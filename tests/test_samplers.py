@@ -595,6 +595,18 @@ def test_nested_lists_give_the_result_of_arrays(method):
     )
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got[:, 0], jnp.asarray(x0)[:, 0])
+    sharded = samplers.make_sampler(_toy_velocity, settings, mesh=sharding.make_mesh())
+    got, _ = sharded(x0, {}, mask=mask)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_settings_must_be_sampler_settings():
+    for call in (
+        lambda s: samplers.integrate(_toy_velocity, jnp.ones((2, 1)), {}, s),
+        lambda s: samplers.make_sampler(_toy_velocity, s),
+    ):
+        with pytest.raises(ValueError, match="must be a SamplerSettings, got dict"):
+            call({"method": "euler", "num_steps": 2})
 
 
 @pytest.mark.parametrize(

@@ -212,12 +212,51 @@ def test_a_sampler_that_runs_out_of_steps_is_an_input_error():
 
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
 def test_guidance_scale_must_be_finite(scale):
-    with pytest.raises(ValueError, match=f"guidance scale must be finite, got {scale}"):
+    with pytest.raises(ValueError, match=f"finite real number, got {scale}"):
         fields.guided(lambda t, x, xi: x, scale, null_label=10)
     config = digits_classcond.get_config()
     config.sampler.guidance_scale = scale
     with pytest.raises(ValueError, match=f"guidance_scale must be finite, got {scale}"):
         pipeline.validate_sampling(config, pipeline.sharding.make_mesh())
+
+
+@pytest.mark.parametrize(
+    "scale, shown",
+    [
+        (jnp.array(jnp.nan), r"Array\(nan"),
+        (np.array(np.inf), r"array\(inf\)"),
+        (1j, "1j"),
+        ([1.0, 2.0], r"\[1.0, 2.0\]"),
+        (jnp.ones(2), "Array"),
+        ("2", "'2'"),
+        (None, "None"),
+        (True, "True"),
+    ],
+)
+def test_guidance_scale_must_be_one_real_number_whatever_its_type(scale, shown):
+    with pytest.raises(ValueError, match=f"one finite real number, got {shown}"):
+        fields.guided(lambda t, x, xi: x, scale, null_label=10)
+
+
+def test_guidance_takes_array_scales_and_traced_ones():
+    field = lambda t, x, xi: x * (1.0 + xi["labels"][:, None])  # noqa: E731
+    x, xi = jnp.ones((2, 3)), {"labels": jnp.array([1, 2])}
+    # Null label 0 gives x; label k gives (1 + k) x; scale w: (1 + w k) x.
+    expected = np.array([[4.0] * 3, [7.0] * 3])
+    for scale in (3, np.float32(3.0), jnp.array(3.0)):
+        got = fields.guided(field, scale, null_label=0)(0.5, x, xi)
+        np.testing.assert_array_equal(got, expected)
+    traced = jax.jit(lambda w: fields.guided(field, w, null_label=0)(0.5, x, xi))
+    np.testing.assert_array_equal(traced(3.0), expected)
+
+
+def test_the_null_label_comes_from_a_model_with_a_null_class():
+    from stochinterp.models import UNet
+
+    assert UNet(dim=8, num_classes=3, class_null=True).null_label == 3
+    for model in (UNet(dim=8, num_classes=3), UNet(dim=8)):
+        with pytest.raises(ValueError, match="needs a model with a null class"):
+            _ = model.null_label
 
 
 def test_guidance_refuses_a_bad_null_label():
@@ -279,3 +318,56 @@ def test_frozen_couplings_share_one_program_and_equal_ones_find_it():
     after = evaluate._kept_program.cache_info()
     assert after.misses - before.misses == 1 and after.hits - before.hits == 1
     np.testing.assert_array_equal(first, again)
+
+
+@pytest.mark.parametrize(
+    "sigma, shown",
+    [(float("nan"), "nan"), (float("inf"), "inf"), (-1.0, "-1.0"), (True, "True")],
+)
+def test_sde_checks_name_a_bad_noise_scale(sigma, shown):
+    settings = _em("decay", 1.0, 20)
+    with pytest.raises(
+        ValueError, match=f"sigma must be one finite number >= 0.*{shown}"
+    ):
+        fields.check_velocity_score_steps(settings, interpolants.linear(), sigma)
+    with pytest.raises(ValueError, match="sigma must be one finite number"):
+        fields.check_velocity_score_steps(settings, interpolants.linear(), jnp.ones(3))
+    with pytest.raises(ValueError, match="guidance scale must be one finite"):
+        fields.check_velocity_score_steps(
+            settings, interpolants.linear(), 1.0, float("nan")
+        )
+
+
+def test_sde_variance_models_euler_maruyama_only():
+    with pytest.raises(ValueError, match="'euler_maruyama' steps, got method 'heun'"):
+        fields.sde_variance(
+            Settings("heun", num_steps=5), interpolants.linear(), 1.0, 0.0
+        )
+
+
+def test_score_from_velocity_names_shapes_that_do_not_broadcast():
+    zero = lambda t, x, xi: jnp.zeros_like(x)  # noqa: E731
+    with pytest.raises(ValueError, match=r"center \(3, 2\) and sigma \(2, 2\)"):
+        fields.score_from_velocity(
+            zero, interpolants.linear(), jnp.zeros((3, 2)), jnp.ones((2, 2))
+        )
+    score = fields.score_from_velocity(
+        zero, interpolants.linear(), jnp.zeros((3, 2)), 1.0
+    )
+    with pytest.raises(ValueError, match=r"against the state x \(4, 2\)"):
+        score(0.5, jnp.ones((4, 2)), None)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_scores_take_time_in_float32_for_half_precision_states(dtype):
+    # Linear path, b = 0, c = 0, sigma = 1: score = -x / (1 - t). At t = 0.999
+    # bfloat16 would round t to 1 (and the score to 0).
+    zero = lambda t, x, xi: jnp.zeros_like(x, jnp.float32)  # noqa: E731
+    score = fields.score_from_velocity(zero, interpolants.linear(), 0.0, 1.0)
+    got = score(0.999, jnp.ones((1, 2), dtype), None)
+    np.testing.assert_allclose(got, -1.0 / (1.0 - np.float32(0.999)), rtol=1e-6)
+    noisy = interpolants.linear(gamma="sqrt")
+    denoised = fields.score_from_denoiser(lambda t, x, xi: jnp.ones_like(x), noisy)
+    got = denoised(0.999, jnp.ones((1, 2), dtype), None)
+    gamma = np.sqrt(np.float32(0.999) * (1 - np.float32(0.999)))
+    np.testing.assert_allclose(got, -1.0 / gamma, rtol=1e-3)

@@ -106,6 +106,23 @@ class UNet(nn.Module):
         return 2 ** (len(self.dim_mults) - 1)
 
     @property
+    def null_label(self) -> int:
+        """The label of the null class, for ``fields.guided``.
+
+        Raises:
+          ValueError: for a model without a null class (``class_null`` False):
+            guidance needs one, and an index past the embedding's rows gives
+            NaN outputs under ``jax.jit``, where labels are not checked.
+        """
+        if self.num_classes is None or not self.class_null:
+            raise ValueError(
+                "classifier-free guidance needs a model with a null class "
+                f"(num_classes set and class_null=True), got num_classes="
+                f"{self.num_classes}, class_null={self.class_null}"
+            )
+        return self.num_classes
+
+    @property
     def uses_labels(self) -> bool:
         """Whether the model must be called with labels."""
         return self.num_classes is not None
