@@ -53,7 +53,9 @@ def validate_sampling(
 
     Args:
       config: the full config.
-      mesh: the device mesh; the number of images must split over it.
+      mesh: the device mesh; the number of images must split over it. None
+        when nothing is sampled now (training without evaluation): the
+        count is then only checked to be positive.
       num_images: images to sample (default ``config.eval.num_images``).
       seed: seed of the sampling (default ``config.eval.seed``).
     """
@@ -63,7 +65,7 @@ def validate_sampling(
     else:
         train.check_seed("--seed", seed)
     n = config.eval.num_images if num_images is None else num_images
-    devices = mesh.devices.size
+    devices = 1 if mesh is None else mesh.devices.size
     if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n % devices:
         raise ValueError(
             f"number of images to sample ({n!r}: eval.num_images or "
@@ -269,8 +271,8 @@ def prepare_sampling(
 ):
     """The checks and loading that sampling from a trained workdir starts with.
 
-    Checks the sampler and FID settings, the workdir (trained with this
-    config), its ``samples/`` folder and the held-out split's size, all before
+    Checks the workdir (trained with this config), the sampler and FID
+    settings, its ``samples/`` folder and the held-out split's size, all before
     any work; then reads the FID files and the latest checkpoint.
 
     Args:
@@ -281,8 +283,10 @@ def prepare_sampling(
     Returns:
       (fid_eval.FidSetup or None, model, variables, step).
     """
-    validate_sampling(config, mesh, num_images, seed)
+    # The run's identity first: a config given for another run (or none,
+    # the default's) would otherwise be named for its sampler settings.
     check_trained_workdir(config, workdir)
+    validate_sampling(config, mesh, num_images, seed)
     check_output_folder(workdir)
     num_images = config.eval.num_images if num_images is None else num_images
     check_held_out_size(config, num_images)
@@ -429,11 +433,17 @@ def train_and_evaluate(
     ``train.num_steps``) keeps an existing ``metrics.json`` and returns it.
     """
     mesh = sharding.make_mesh()
+    sampling_now = evaluate_after and evaluate.is_inpainting(config)
+    # A workdir of another run is named before the values of this config.
+    if os.path.isdir(workdir):
+        with input_errors.checking_input():
+            train.check_saved_config(workdir, config)
     # The sampler fields are saved with the run and used by launch.sample and
-    # launch.evaluate later: they are checked even when nothing is sampled now.
-    validate_sampling(config, mesh)
+    # launch.evaluate later: they are checked even when nothing is sampled now
+    # (the number of images against the devices only then).
+    validate_sampling(config, mesh if sampling_now else None)
     fid_config = None
-    if evaluate_after and evaluate.is_inpainting(config):
+    if sampling_now:
         with input_errors.checking_input():
             train.validate_config(config, mesh)
             data_lib.validate(config.data)

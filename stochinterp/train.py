@@ -20,8 +20,11 @@ Faults:
 * A latest checkpoint that cannot be read (or has no data iterator
   position) stops the run with an error naming it and the latest earlier
   checkpoint that reads; nothing is moved or deleted.
-* SIGTERM or a first Ctrl-C (or the ``train.max_seconds`` budget) saves a
-  checkpoint and returns with ``TrainResult.preempted`` (``out_of_time``);
+* Once the state is built or restored, SIGTERM or a first Ctrl-C (or the
+  ``train.max_seconds`` budget) saves a checkpoint after the current step
+  (the first one included, which is compiled first) and returns with
+  ``TrainResult.preempted`` (``out_of_time``); during set-up before that, a
+  Ctrl-C raises KeyboardInterrupt and nothing is written;
   a second Ctrl-C ends the process at once (the last complete checkpoint
   stays). With several processes they agree to stop at the next log or
   checkpoint step.
@@ -199,7 +202,8 @@ def check_saved_config(
         )
         raise ValueError(
             f"workdir {workdir!r} holds a run with another config ({diffs}); use "
-            "the config it was trained with, or another --workdir"
+            f"the config it was trained with (its values are in {path}), or "
+            "another --workdir"
         )
 
 
@@ -710,13 +714,18 @@ def _run(config, workdir, mesh, coupling, model, loss_fn, optimizer) -> TrainRes
         tc.async_checkpoint,
         remove_unfinished=True,
     )
+    try:
+        # Still set-up: a Ctrl-C here just stops (nothing is written).
+        state, first_step = _start_state(
+            config, model, optimizer, coupling, manager, loader, mesh
+        )
+    except BaseException:
+        manager.close()
+        raise
     # From here SIGTERM and a first Ctrl-C stop cleanly, until the last
     # checkpoint is written.
     with _Preemption() as preemption:
         try:
-            state, first_step = _start_state(
-                config, model, optimizer, coupling, manager, loader, mesh
-            )
             stop_rule = _StopRule(preemption, tc.max_seconds)
             logger = _Logger(workdir, first_step, tc.num_steps, stop_rule.deadline)
             loop = _Loop(

@@ -206,6 +206,32 @@ def test_a_config_of_another_run_is_refused_before_any_data_is_built(
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.parametrize("launcher", ["train", "sample", "evaluate"])
+def test_another_run_is_named_before_the_values_of_the_config_given(tmp_path, launcher):
+    """The default config's in-painting has no labels to guide: the workdir's
+    class-conditional run is named first, not the guidance setting."""
+    sys.path.insert(0, REPO)
+    from configs import digits_classcond
+
+    workdir = tmp_path / "wd"
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "config.json").write_text(
+        digits_classcond.get_config().to_json_best_effort()
+    )
+    result = run_train(
+        "--workdir",
+        str(workdir),
+        "--config.sampler.guidance_scale=2",
+        tmp_path=tmp_path,
+        launcher=launcher,
+    )
+    last = one_line_error(result)
+    assert "holds a run with another config" in last, last
+    assert "coupling.num_classes: 10 saved, 0 now" in last, last
+    assert f"its values are in {workdir / 'config.json'}" in last, last
+    assert not (tmp_path / "data").exists()
+
+
 def _fake_trained_workdir(tmp_path):
     """A workdir that passes the cheap checks: checkpoints/ and config.json."""
     sys.path.insert(0, REPO)

@@ -532,6 +532,28 @@ def test_launch_fid_refuses_bad_settings_in_one_line(
     assert words in one_line_error(_launch("fid", config, workdir, *args))
 
 
+def test_the_sample_count_meets_the_devices_only_when_sampling_now(
+    main_job, tmp_path, monkeypatch
+):
+    config = main_job[0].copy_and_resolve_references()
+    config.eval.num_images = 7  # not a multiple of the 2 devices
+    with pytest.raises(ValueError, match=r"\(7: eval.num_images .* devices \(2\)"):
+        pipeline.train_and_evaluate(config, str(tmp_path / "run"))
+
+    class Trained(Exception):
+        pass
+
+    def trained(*args):
+        raise Trained
+
+    monkeypatch.setattr(pipeline.train, "train", trained)
+    with pytest.raises(Trained):
+        pipeline.train_and_evaluate(config, str(tmp_path / "run"), False)
+    config.eval.num_images = 0
+    with pytest.raises(ValueError, match=r"\(0: eval.num_images"):
+        pipeline.train_and_evaluate(config, str(tmp_path / "run"), False)
+
+
 def test_the_main_job_reads_the_fid_files_before_training(main_job, tmp_path):
     config, _, _ = main_job
     np.savez(tmp_path / "w.npz", other=np.zeros(3))

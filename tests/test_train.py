@@ -613,6 +613,24 @@ def test_an_ignored_ctrl_c_stays_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
+def test_a_ctrl_c_while_the_state_is_built_just_stops(tmp_path, monkeypatch):
+    build = train.init_state
+
+    def interrupted(*args, **kwargs):
+        state = build(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return state
+
+    monkeypatch.setattr(train, "init_state", interrupted)
+    monkeypatch.setattr(train, "make_step_fn", _forbid)
+    before = signal.getsignal(signal.SIGINT)
+    workdir = tmp_path / "wd"
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_config(tmp_path), str(workdir), sharding.make_mesh())
+    assert os.listdir(workdir / "checkpoints") == []
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_the_time_budget_stops_after_it_is_spent():
     rule = train._StopRule(train._Preemption(), max_seconds=0.05)
     assert not rule.should_stop(True)
