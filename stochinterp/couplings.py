@@ -30,7 +30,6 @@ because every pixel moves. ``tests/test_couplings.py`` runs this example.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Callable
 
 import flax.struct
@@ -39,6 +38,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from stochinterp import sharding
+from stochinterp.checks import (
+    as_array,
+    check_noise_scale,
+    check_positive_int,
+    check_probability,
+)
 
 
 @flax.struct.dataclass
@@ -74,27 +79,29 @@ class CouplingSample:
 Coupling = Callable[[jax.Array, jax.Array, "jax.Array | None"], CouplingSample]
 
 
-def _check_probability(name: str, p: float) -> None:
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {p}")
-
-
-def _check_positive_int(name: str, n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"{name} must be a positive integer, got {n!r}")
-
-
-def _check_data(x1: jax.Array) -> None:
-    if not jnp.issubdtype(jnp.result_type(x1), jnp.floating):
+def _as_images(x1) -> jax.Array:
+    """Raises unless x1 is non-empty and floating-point; returns it as an array."""
+    x1 = as_array("x1", x1)
+    if not jnp.issubdtype(x1.dtype, jnp.floating):
         raise ValueError(
-            f"x1 must be floating-point images in [-1, 1], got dtype "
-            f"{jnp.result_type(x1)}"
+            f"x1 must be floating-point images in [-1, 1], got dtype {x1.dtype}"
         )
+    if x1.size == 0:
+        raise ValueError(
+            f"x1 of shape {x1.shape} is empty; expected at least one image with "
+            "at least one pixel"
+        )
+    return x1
 
 
 def _check_divisible(x_shape: tuple, n: int, what: str) -> None:
     if len(x_shape) != 4:
         raise ValueError(f"expected images [batch, H, W, C], got shape {x_shape}")
+    if 0 in x_shape[:3]:
+        raise ValueError(
+            f"expected images [batch, H, W, C] with batch, H and W >= 1, got shape "
+            f"{x_shape}"
+        )
     height, width = x_shape[1], x_shape[2]
     if height % n or width % n:
         raise ValueError(
@@ -117,8 +124,8 @@ def tile_mask(key: jax.Array, shape: tuple, grid: int = 8, p: float = 0.3) -> ja
     Returns:
       [batch, H, W, 1] float32 mask, 1 = known pixel, 0 = hidden pixel.
     """
-    _check_positive_int("tile grid", grid)
-    _check_probability("hidden-tile probability p", p)
+    check_positive_int("tile grid", grid)
+    check_probability("hidden-tile probability p", p)
     _check_divisible(tuple(shape), grid, "tile grid")
     batch, height, width = shape[0], shape[1], shape[2]
     hidden = jax.random.bernoulli(key, p, (batch, grid, grid))
@@ -130,7 +137,7 @@ def tile_mask(key: jax.Array, shape: tuple, grid: int = 8, p: float = 0.3) -> ja
 
 def box_downsample(x: jax.Array, factor: int) -> jax.Array:
     """Averages factor x factor blocks: [B, H, W, C] -> [B, H/f, W/f, C]."""
-    _check_positive_int("super-resolution factor", factor)
+    check_positive_int("super-resolution factor", factor)
     _check_divisible(x.shape, factor, "super-resolution factor")
     b, h, w, c = x.shape
     blocks = x.reshape(b, h // factor, factor, w // factor, factor, c)
@@ -139,7 +146,7 @@ def box_downsample(x: jax.Array, factor: int) -> jax.Array:
 
 def nearest_upsample(x: jax.Array, factor: int) -> jax.Array:
     """Repeats each pixel factor x factor times: [B, h, w, C] -> [B, fh, fw, C]."""
-    _check_positive_int("super-resolution factor", factor)
+    check_positive_int("super-resolution factor", factor)
     if jnp.ndim(x) != 4:
         raise ValueError(f"expected images [batch, h, w, C], got shape {jnp.shape(x)}")
     return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
@@ -150,14 +157,25 @@ class IndependentCoupling:
     """The uncoupled baseline: x0 ~ N(0, I), independent of x1.
 
     Attributes:
-      condition_like: optionally another coupling whose conditioning inputs the
-        baseline receives, so that a comparison isolates the coupling. For
-        in-painting the network gets the mask and the masked image as
-        channels; for super-resolution the upsampled low-resolution image.
-        The baseline never masks the network output.
+      condition_like: optionally an ``InpaintingCoupling`` or a
+        ``SuperResolutionCoupling`` (no other coupling) whose conditioning
+        inputs the baseline receives, so that a comparison isolates the
+        coupling. For in-painting the network gets the mask and the masked
+        image as channels; for super-resolution the upsampled low-resolution
+        image. The baseline never masks the network output.
     """
 
     condition_like: InpaintingCoupling | SuperResolutionCoupling | None = None
+
+    def __post_init__(self):
+        # Only these two are mirrored; another coupling's conditioning (and
+        # its channel count) would not be.
+        like = (InpaintingCoupling, SuperResolutionCoupling, type(None))
+        if not isinstance(self.condition_like, like):
+            raise ValueError(
+                "condition_like must be an InpaintingCoupling, a "
+                f"SuperResolutionCoupling or None, got {self.condition_like!r}"
+            )
 
     def check_image_shape(self, shape: tuple) -> None:
         if self.condition_like is not None:
@@ -166,7 +184,7 @@ class IndependentCoupling:
     def __call__(
         self, key: jax.Array, x1: jax.Array, labels: jax.Array | None = None
     ) -> CouplingSample:
-        _check_data(x1)
+        x1 = _as_images(x1)
         # The split of InpaintingCoupling: from the same key the baseline gets
         # the same mask and the same noise, so both are evaluated alike.
         key_cond, key_noise = jax.random.split(key)
@@ -211,8 +229,8 @@ class InpaintingCoupling:
     p: float = 0.3
 
     def __post_init__(self):
-        _check_positive_int("tile grid", self.grid)
-        _check_probability("hidden-tile probability p", self.p)
+        check_positive_int("tile grid", self.grid)
+        check_probability("hidden-tile probability p", self.p)
 
     def check_image_shape(self, shape: tuple) -> None:
         _check_divisible(tuple(shape), self.grid, "tile grid")
@@ -220,7 +238,7 @@ class InpaintingCoupling:
     def __call__(
         self, key: jax.Array, x1: jax.Array, labels: jax.Array | None = None
     ) -> CouplingSample:
-        _check_data(x1)
+        x1 = _as_images(x1)
         key_mask, key_noise = jax.random.split(key)
         mask = tile_mask(key_mask, x1.shape, self.grid, self.p).astype(x1.dtype)
         zeta = jax.random.normal(key_noise, x1.shape, x1.dtype)
@@ -249,11 +267,8 @@ class SuperResolutionCoupling:
     sigma: float = 1.0
 
     def __post_init__(self):
-        _check_positive_int("super-resolution factor", self.factor)
-        if not 0 <= self.sigma < float("inf"):
-            raise ValueError(
-                f"super-resolution sigma must be finite and >= 0, got {self.sigma}"
-            )
+        check_positive_int("super-resolution factor", self.factor)
+        check_noise_scale("super-resolution sigma", self.sigma)
 
     def check_image_shape(self, shape: tuple) -> None:
         _check_divisible(tuple(shape), self.factor, "super-resolution factor")
@@ -265,7 +280,7 @@ class SuperResolutionCoupling:
     def __call__(
         self, key: jax.Array, x1: jax.Array, labels: jax.Array | None = None
     ) -> CouplingSample:
-        _check_data(x1)
+        x1 = _as_images(x1)
         center = self.low_resolution(x1)
         zeta = jax.random.normal(key, x1.shape, x1.dtype)
         return CouplingSample(
@@ -293,8 +308,8 @@ class ClassConditioning:
     p_uncond: float = 0.0
 
     def __post_init__(self):
-        _check_positive_int("num_classes", self.num_classes)
-        _check_probability("label drop probability p_uncond", self.p_uncond)
+        check_positive_int("num_classes", self.num_classes)
+        check_probability("label drop probability p_uncond", self.p_uncond)
 
     def check_image_shape(self, shape: tuple) -> None:
         check = getattr(self.base, "check_image_shape", None)
@@ -304,10 +319,11 @@ class ClassConditioning:
     def __call__(
         self, key: jax.Array, x1: jax.Array, labels: jax.Array | None = None
     ) -> CouplingSample:
+        x1 = as_array("x1", x1)
         self.check_labels(labels, jnp.shape(x1)[0])
         key_base, key_drop = jax.random.split(key)
         sample = self.base(key_base, x1, None)
-        labels = labels.astype(jnp.int32)
+        labels = jnp.asarray(labels).astype(jnp.int32)
         if self.p_uncond > 0:
             drop = jax.random.bernoulli(key_drop, self.p_uncond, labels.shape)
             labels = jnp.where(drop, self.num_classes, labels)
@@ -321,7 +337,9 @@ class ClassConditioning:
         """
         if labels is None:
             raise ValueError("a class-conditional coupling needs labels, got None")
-        dtype = jnp.result_type(labels)
+        if not isinstance(labels, jax.Array):
+            labels = np.asarray(labels)  # in numpy, values beyond int32 are kept
+        dtype = labels.dtype
         if not jnp.issubdtype(dtype, jnp.integer):
             raise ValueError(f"class labels must be integers, got dtype {dtype}")
         if jnp.shape(labels) != (batch,):
@@ -382,9 +400,8 @@ def from_config(config) -> Coupling:
     name = config.name
     # Every field is checked, also those the chosen coupling does not read: a
     # bad value there is a mistake that would otherwise pass unnoticed.
-    _check_probability("coupling.p_uncond", config.p_uncond)
-    if not 0 <= config.sigma < float("inf"):
-        raise ValueError(f"coupling.sigma must be finite and >= 0, got {config.sigma}")
+    check_probability("coupling.p_uncond", config.p_uncond)
+    check_noise_scale("coupling.sigma", config.sigma)
     inpaint = lambda: InpaintingCoupling(grid=config.grid, p=config.p)  # noqa: E731
     superres = lambda: SuperResolutionCoupling(  # noqa: E731
         factor=config.factor, sigma=config.sigma

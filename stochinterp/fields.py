@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from stochinterp import samplers, sharding
-from stochinterp.interpolants import Interpolant, _is_real, broadcast_time
+from stochinterp.checks import is_real_dtype
+from stochinterp.interpolants import Interpolant, broadcast_time
 
 Field = Callable[[jax.Array, jax.Array, dict], jax.Array]
 
@@ -142,7 +143,7 @@ def _check_scale(scale) -> None:
     values = sharding.host_values(scale)
     if values is None:
         return
-    if not _is_real(values.dtype) or not np.isfinite(values):
+    if not is_real_dtype(values.dtype) or not np.isfinite(values):
         raise ValueError(bad)
 
 
@@ -308,7 +309,7 @@ def _check_noise_scale(sigma, guidance_scale) -> None:
     if (
         isinstance(sigma, bool)
         or values is None
-        or not _is_real(values.dtype)
+        or not is_real_dtype(values.dtype)
         or not 0 <= values < np.inf
     ):
         raise ValueError(

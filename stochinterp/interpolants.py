@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stochinterp import sharding
+from stochinterp.checks import is_real_dtype, real_scalar
 
 ScalarFn = Callable[[jax.Array], jax.Array]
 
@@ -112,7 +113,7 @@ class Interpolant:
         values = sharding.host_values(t)
         if values is None:
             return
-        if not _is_real(values.dtype):
+        if not is_real_dtype(values.dtype):
             raise ValueError(
                 f"interpolant {self.name!r}: {method} needs real times t, got {t!r}"
             )
@@ -178,26 +179,6 @@ def _sqrt_gamma(a: float) -> tuple[ScalarFn, ScalarFn]:
     return gamma, gamma_dot
 
 
-def _is_real(dtype) -> bool:
-    """Integer or floating point, bfloat16 included (not bool or complex)."""
-    return jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
-
-
-def _real_scalar(name: str, value) -> float | None:
-    """A real scalar's value as a float; None when it is traced.
-
-    Takes Python and numpy numbers and 0-d arrays alike.
-    """
-    if np.ndim(value) != 0:
-        raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}")
-    values = sharding.host_values(value)
-    if values is None:
-        return None
-    if not _is_real(values.dtype):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    return float(values)
-
-
 def _gamma_pair(gamma: str, gamma_scale: float) -> tuple[ScalarFn, ScalarFn]:
     """gamma and gamma_dot of a named form; gamma_scale must be finite and >= 0.
 
@@ -205,7 +186,7 @@ def _gamma_pair(gamma: str, gamma_scale: float) -> tuple[ScalarFn, ScalarFn]:
     """
     if not isinstance(gamma, str) or gamma not in ("zero", "sqrt"):
         raise ValueError(f"gamma must be 'zero' or 'sqrt', got {gamma!r}")
-    scale = _real_scalar("gamma_scale", gamma_scale)
+    scale = real_scalar("gamma_scale", gamma_scale)
     if scale is None:
         raise ValueError("gamma_scale must be a concrete number, got a traced value")
     if gamma == "zero":
@@ -442,7 +423,7 @@ def check_time_range(
     square-root family), it also requires 0 < t_min and t_max < 1.
     """
     for name, value in (("t_min", t_min), ("t_max", t_max)):
-        if isinstance(value, bool) or _real_scalar(name, value) is None:
+        if isinstance(value, bool) or real_scalar(name, value) is None:
             raise ValueError(f"{name} must be a real number, got {value!r}")
     if not 0.0 <= t_min < t_max <= 1.0:
         raise ValueError(
@@ -486,8 +467,8 @@ def sample_times(key: jax.Array, n: int, t_min: float, t_max: float) -> jax.Arra
     """
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n <= 0:
         raise ValueError(f"n must be a positive integer, got {n!r}")
-    low = _real_scalar("t_min", t_min)
-    high = _real_scalar("t_max", t_max)
+    low = real_scalar("t_min", t_min)
+    high = real_scalar("t_max", t_max)
     if low is not None and high is not None:
         check_time_range(low, high)
     for name, value in (("t_min", low), ("t_max", high)):

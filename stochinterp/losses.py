@@ -15,8 +15,10 @@ from collections.abc import Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from stochinterp import interpolants as interp_lib
+from stochinterp import sharding
 from stochinterp.couplings import Coupling, CouplingSample
 from stochinterp.fields import network_fields
 
@@ -141,11 +143,7 @@ def make_loss_fn(
     def loss_fn(params, key, x1, labels=None):
         key_couple, key_t, key_z = jax.random.split(key, 3)
         sample: CouplingSample = coupling(key_couple, x1, labels)
-        if not isinstance(sample, CouplingSample):
-            raise ValueError(
-                f"the coupling must return a CouplingSample, got "
-                f"{type(sample).__name__}"
-            )
+        _check_sample(sample, x1)
         t = interp_lib.sample_times(key_t, x1.shape[0], t_min, t_max)
         z = None
         if interpolant.has_noise:
@@ -167,6 +165,32 @@ def make_loss_fn(
         return jnp.mean(terms.total), terms
 
     return loss_fn
+
+
+def _check_sample(sample, x1) -> None:
+    """Raises unless a coupling gave a CouplingSample whose mask fits x1."""
+    if not isinstance(sample, CouplingSample):
+        raise ValueError(
+            f"the coupling must return a CouplingSample, got {type(sample).__name__}"
+        )
+    if sample.mask is None:
+        return
+    try:
+        fits = jnp.broadcast_shapes(jnp.shape(sample.mask), x1.shape) == x1.shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"the coupling's mask of shape {jnp.shape(sample.mask)} does not "
+            f"broadcast against the images {x1.shape} ([batch, H, W, 1] expected)"
+        )
+    values = sharding.host_values(sample.mask)
+    if values is not None and not np.isin(values, (0, 1)).all():
+        bad = np.unique(values[~np.isin(values, (0, 1))])[:5].tolist()
+        raise ValueError(
+            f"the coupling's mask must hold only 0 (to generate) and 1 (known), "
+            f"got {bad}"
+        )
 
 
 def loss_by_time_bin(

@@ -55,6 +55,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from stochinterp import sharding
+from stochinterp.checks import (
+    as_array,
+    check_finite,
+    check_noise_scale,
+    check_positive_int,
+    real_scalar,
+)
 from stochinterp.interpolants import Interpolant
 
 
@@ -73,7 +80,8 @@ class GaussianOracle:
         kept pixels), or None.
 
     The fields are exact where S_t is invertible: for t < 1, or for t = 1 when
-    S1 is. ``t`` is a Python or 0-d scalar in every method.
+    S1 is. ``t`` is a Python or 0-d scalar in every method, 0 <= t <= 1 (checked
+    when its value is concrete, as in ``Interpolant.x_t``).
     """
 
     mu1: jax.Array
@@ -88,8 +96,8 @@ class GaussianOracle:
         dtype = jnp.result_type(float)
         for name in ("mu1", "S1", "A", "c", "S_s", "known"):
             value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, jnp.asarray(value, dtype))
+            if name != "known" or value is not None:  # known alone may be None
+                object.__setattr__(self, name, as_array(name, value, dtype))
         if self.mu1.ndim != 1:
             raise ValueError(f"mu1 must be a vector [d], got shape {self.mu1.shape}")
         d = self.mu1.shape[0]
@@ -105,6 +113,8 @@ class GaussianOracle:
                 raise ValueError(
                     f"{name} must have shape ({d},) to match mu1, got {value.shape}"
                 )
+        for name in ("mu1", "S1", "A", "c", "S_s"):
+            check_finite(name, getattr(self, name))
         for name in ("S1", "S_s"):
             _check_covariance(name, getattr(self, name))
         values = None if self.known is None else sharding.host_values(self.known)
@@ -123,7 +133,7 @@ class GaussianOracle:
     @classmethod
     def independent(cls, mu1, S1, interpolant: Interpolant) -> GaussianOracle:
         """x0 ~ N(0, I) independent of x1 ~ N(mu1 [d], S1 [d, d])."""
-        d = mu1.shape[0]
+        d = jnp.size(mu1)
         return cls(mu1, S1, jnp.zeros((d, d)), jnp.zeros(d), jnp.eye(d), interpolant)
 
     @classmethod
@@ -140,7 +150,12 @@ class GaussianOracle:
             into this).
           interpolant: the path.
         """
-        mask = jnp.asarray(mask, jnp.result_type(float))
+        mask = as_array("mask", mask, jnp.result_type(float))
+        if mask.ndim != 1:
+            raise ValueError(
+                f"mask must be a flat vector [d] (flat_mask turns an image mask "
+                f"[H, W, 1] into one), got shape {mask.shape}"
+            )
         return cls(
             mu1,
             S1,
@@ -171,6 +186,7 @@ class GaussianOracle:
           sigma: noise scale.
           interpolant: the path.
         """
+        check_noise_scale("super-resolution sigma", sigma)
         A = superres_matrix(image_shape, factor)
         d = A.shape[0]
         return cls(mu1, S1, A, jnp.zeros(d), sigma**2 * jnp.eye(d), interpolant)
@@ -195,14 +211,31 @@ class GaussianOracle:
                 lambda y, x: oracle.condition(B, y).velocity(t, x[None])[0]
             )(y, x)
         """
+        B, y = as_array("B", B, self.mu1.dtype), as_array("y", y, self.mu1.dtype)
+        if B.ndim != 2 or B.shape[1] != self.dim:
+            raise ValueError(
+                f"B must have shape [k, d = {self.dim}], got shape {B.shape}"
+            )
+        if y.shape != B.shape[:1]:
+            raise ValueError(
+                f"y must have shape [k] = ({B.shape[0]},) to match B, got shape "
+                f"{y.shape}"
+            )
         gain = jnp.linalg.solve(B @ self.S1 @ B.T, B @ self.S1).T  # S1 B^T (.)^-1
+        values = sharding.host_values(gain)
+        if values is not None and not np.isfinite(values).all():
+            raise ValueError(
+                f"B S1 B^T is singular for B of shape {B.shape}; B must have full "
+                "row rank"
+            )
         mu1 = self.mu1 + gain @ (y - B @ self.mu1)
         S1 = self.S1 - gain @ B @ self.S1
         return dataclasses.replace(self, mu1=mu1, S1=0.5 * (S1 + S1.T))
 
     def _coefficients(self, t):
-        if jnp.ndim(t) != 0:
-            raise ValueError(f"t must be a scalar, got shape {jnp.shape(t)}")
+        value = real_scalar("t", t)  # None when traced
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"t must satisfy 0 <= t <= 1, got t = {value}")
         t = jnp.asarray(t, self.mu1.dtype)
         it = self.interpolant
         coefficients = (
@@ -288,7 +321,8 @@ class GaussianOracle:
         return self.mean(0.0), self.cov(0.0)
 
     def sample_pairs(self, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
-        """Draws n coupled pairs (x0 [n, d], x1 [n, d])."""
+        """Draws n coupled pairs (x0 [n, d], x1 [n, d]); n a positive integer."""
+        check_positive_int("n", n)
         key1, key0 = jax.random.split(key)
         x1 = jax.random.multivariate_normal(
             key1, self.mu1, self.S1, (n,), method="eigh"
@@ -331,8 +365,18 @@ def flat_mask(mask: jax.Array, channels: int) -> jax.Array:
 
 
 def _block_index(image_shape: tuple, factor: int) -> np.ndarray:
-    height, width, _ = image_shape
-    if factor < 1 or height % factor or width % factor:
+    shape = tuple(image_shape) if isinstance(image_shape, tuple | list) else ()
+    if len(shape) != 3 or not all(
+        isinstance(n, int | np.integer) and not isinstance(n, bool) and n > 0
+        for n in shape
+    ):
+        raise ValueError(
+            f"image_shape must be (H, W, C), three positive integers, got "
+            f"{image_shape!r}"
+        )
+    check_positive_int("super-resolution factor", factor)
+    height, width, _ = shape
+    if height % factor or width % factor:
         raise ValueError(
             f"image size {height}x{width} is not divisible by the "
             f"super-resolution factor {factor}"
@@ -348,8 +392,8 @@ def downsample_matrix(image_shape: tuple, factor: int) -> jax.Array:
     ``D @ x.reshape(-1)`` equals ``couplings.box_downsample`` of the image,
     flattened in hwC order.
     """
-    channels = image_shape[2]
     block = _block_index(image_shape, factor)
+    channels = image_shape[2]
     one_hot = (np.arange(block.max() + 1)[:, None] == block[None, :]).astype(np.float32)
     return jnp.asarray(np.kron(one_hot / factor**2, np.eye(channels, dtype=np.float32)))
 
@@ -366,7 +410,7 @@ def superres_matrix(image_shape: tuple, factor: int) -> jax.Array:
     Returns:
       [d, d] with d = H * W * C.
     """
-    channels = image_shape[2]
     block = _block_index(image_shape, factor)
+    channels = image_shape[2]
     same_block = (block[:, None] == block[None, :]).astype(np.float32) / factor**2
     return jnp.asarray(np.kron(same_block, np.eye(channels, dtype=np.float32)))

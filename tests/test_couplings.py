@@ -1,5 +1,7 @@
 """Couplings: masks, super-resolution operators, class drops, configs, errors."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -314,3 +316,131 @@ def test_user_defined_coupling():
     params = {"w": 0.1 * jnp.ones((5, 3)), "b": jnp.zeros(3)}
     grads = jax.jit(jax.grad(lambda p: loss_fn(p, jax.random.key(7), x1)[0]))(params)
     assert np.all(np.isfinite(grads["w"])) and float(jnp.abs(grads["w"]).max()) > 0
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (
+            lambda: InpaintingCoupling(p="0.3"),
+            r"p must be a real number in \[0, 1\], got '0.3'",
+        ),
+        (lambda: InpaintingCoupling(p=None), r"p must be a real number.*got None"),
+        (lambda: InpaintingCoupling(p=True), r"p must be a real number.*got True"),
+        (lambda: InpaintingCoupling(p=float("nan")), r"in \[0, 1\], got nan"),
+        (
+            lambda: SuperResolutionCoupling(2, sigma="1"),
+            "sigma must be a real number.*finite and >= 0, got '1'",
+        ),
+        (
+            lambda: SuperResolutionCoupling(2, sigma=None),
+            "sigma must be a real number.*got None",
+        ),
+        (
+            lambda: SuperResolutionCoupling(2, sigma=1j),
+            "sigma must be a real number.*got 1j",
+        ),
+        (
+            lambda: SuperResolutionCoupling(2, jnp.array([1.0, 2.0])),
+            r"sigma must be a scalar, got shape \(2,\)",
+        ),
+        (
+            lambda: SuperResolutionCoupling(factor=True),
+            "factor must be a positive integer, got True",
+        ),
+        (
+            lambda: SuperResolutionCoupling(factor="2"),
+            "factor must be a positive integer, got '2'",
+        ),
+        (
+            lambda: InpaintingCoupling(grid=4.0),
+            "grid must be a positive integer, got 4.0",
+        ),
+        (
+            lambda: ClassConditioning(InpaintingCoupling(), num_classes=True),
+            "num_classes must be a positive integer, got True",
+        ),
+        (
+            lambda: ClassConditioning(InpaintingCoupling(), 10, p_uncond="0"),
+            r"p_uncond must be a real number in \[0, 1\], got '0'",
+        ),
+        (
+            lambda: couplings.tile_mask(jax.random.key(0), (1, 8, 8, 1), 8, None),
+            "p must be a real number.*got None",
+        ),
+        (
+            lambda: couplings.from_config(_config(sigma=None)),
+            "coupling.sigma must be a real number.*got None",
+        ),
+    ],
+)
+def test_numeric_parameters_must_be_real_numbers_in_range(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_traced_mask_probability_is_not_checked():
+    draw = jax.jit(lambda p: couplings.tile_mask(jax.random.key(0), (2, 4, 4, 1), 2, p))
+    np.testing.assert_array_equal(draw(0.0), 1.0)
+    np.testing.assert_array_equal(draw(1.0), 0.0)
+
+
+def test_lists_are_taken_as_arrays():
+    key = jax.random.key(3)
+    x1 = [[[[0.5], [-0.5]], [[0.25], [1.0]]]]  # one 2x2 image, one channel
+    from_list = InpaintingCoupling(grid=1, p=0.0)(key, x1)
+    np.testing.assert_array_equal(from_list.x0, jnp.asarray(x1))
+    np.testing.assert_array_equal(from_list.mask, 1.0)
+
+    classes = ClassConditioning(InpaintingCoupling(grid=2), num_classes=3)
+    sample = classes(key, jnp.zeros((2, 2, 2, 1)), [2, 0])
+    np.testing.assert_array_equal(sample.labels, [2, 0])
+    assert sample.labels.dtype == jnp.int32
+    with pytest.raises(
+        ValueError, match="class labels must be integers, got dtype <U1"
+    ):
+        classes(key, jnp.zeros((1, 2, 2, 1)), ["a"])
+    with pytest.raises(ValueError, match="x1 must be an array of numbers, got None"):
+        InpaintingCoupling()(key, None)
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 8, 1), (2, 0, 0, 1), (2, 8, 8, 0)])
+@pytest.mark.parametrize(
+    "coupling",
+    [
+        IndependentCoupling(),
+        InpaintingCoupling(grid=4),
+        SuperResolutionCoupling(factor=2),
+        ClassConditioning(InpaintingCoupling(grid=4), num_classes=3),
+    ],
+)
+def test_empty_batches_and_images_are_refused(coupling, shape):
+    labels = jnp.zeros(shape[0], jnp.int32)
+    with pytest.raises(
+        ValueError, match=rf"x1 of shape {re.escape(str(shape))} is empty"
+    ):
+        coupling(jax.random.key(0), jnp.zeros(shape), labels)
+
+
+def test_empty_image_shapes_are_refused():
+    with pytest.raises(ValueError, match=r"H and W >= 1, got shape \(1, 0, 0, 3\)"):
+        InpaintingCoupling().check_image_shape((1, 0, 0, 3))
+    with pytest.raises(
+        ValueError, match=r"batch, H and W >= 1, got shape \(0, 8, 8, 1\)"
+    ):
+        couplings.tile_mask(jax.random.key(0), (0, 8, 8, 1))
+
+
+@pytest.mark.parametrize(
+    "like",
+    [
+        ClassConditioning(InpaintingCoupling(), num_classes=10),
+        IndependentCoupling(),
+        "inpainting",
+    ],
+)
+def test_independent_baseline_refuses_what_it_cannot_mirror(like):
+    with pytest.raises(
+        ValueError, match=rf"condition_like must be .*got {re.escape(repr(like))}"
+    ):
+        IndependentCoupling(condition_like=like)

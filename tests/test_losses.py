@@ -161,6 +161,25 @@ def test_make_loss_fn_names_arguments_of_the_wrong_kind():
         loss_fn(params, jax.random.key(1), _images())
 
 
+@pytest.mark.parametrize(
+    "mask, message",
+    [
+        (jnp.ones((64, 8, 8)), r"mask of shape \(64, 8, 8\) does not broadcast"),
+        (jnp.full((64, 8, 8, 1), 0.5), r"only 0 \(to generate\) and 1 .* got \[0.5\]"),
+    ],
+)
+def test_a_user_couplings_mask_is_checked_against_the_images(mask, message):
+    apply_fn, init = _affine_net()
+
+    def masked(key, x1, labels=None):
+        return InpaintingCoupling(grid=4)(key, x1).replace(mask=mask)
+
+    loss_fn = losses.make_loss_fn(apply_fn, interpolants.linear(), masked, 0.0, 1.0)
+    params = init(jax.random.key(0), 3 + 1 + 1, 3)
+    with pytest.raises(ValueError, match=message):
+        loss_fn(params, jax.random.key(1), _images())
+
+
 def test_loss_by_time_bin_counts():
     t = jnp.array([0.01, 0.02, 0.30, 0.26, 0.99, 1.0, 0.55])
     values = jnp.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])

@@ -360,3 +360,85 @@ def test_bad_oracle_inputs_raise_naming_the_value():
         oracle.velocity(0.5, jnp.ones((2, 5)))
     with pytest.raises(ValueError, match=r"t must be a scalar, got shape \(2,\)"):
         oracle.score(jnp.array([0.2, 0.5]), jnp.ones((2, d)))
+
+
+@pytest.mark.parametrize(
+    "name, bad",
+    [("S1", np.nan), ("S1", np.inf), ("mu1", np.nan), ("mu1", -np.inf)],
+)
+def test_non_finite_oracle_inputs_are_named(name, bad):
+    inputs = {"mu1": np.zeros(D), "S1": np.eye(D)}
+    inputs[name][(0,) * inputs[name].ndim] = bad
+    with pytest.raises(ValueError, match=rf"{name} must be finite, got \[{bad}\]"):
+        GaussianOracle.independent(inputs["mu1"], inputs["S1"], interpolants.linear())
+
+
+@pytest.mark.parametrize("t", [1.5, -0.1, float("nan")])
+@pytest.mark.parametrize("method", ["mean", "cov", "velocity", "min_velocity_loss"])
+def test_oracle_times_must_lie_in_the_unit_interval(method, t):
+    oracle = GaussianOracle.independent(jnp.zeros(D), jnp.eye(D), interpolants.linear())
+    args = (jnp.ones((2, D)),) if method == "velocity" else ()
+    with pytest.raises(ValueError, match=rf"0 <= t <= 1, got t = {t}"):
+        getattr(oracle, method)(t, *args)
+
+
+def test_oracle_checks_no_traced_time():
+    oracle = GaussianOracle.independent(jnp.ones(D), jnp.eye(D), interpolants.linear())
+    np.testing.assert_allclose(jax.jit(oracle.mean)(0.25), 0.25)
+    np.testing.assert_allclose(jax.jit(oracle.mean)(1.0), 1.0)
+
+
+def test_oracle_takes_lists():
+    path = interpolants.linear()
+    from_lists = GaussianOracle.independent([1.0, 2.0], [[2.0, 0.0], [0.0, 3.0]], path)
+    np.testing.assert_allclose(from_lists.mean(1.0), [1.0, 2.0])
+    np.testing.assert_allclose(from_lists.cov(0.5), np.diag([0.75, 1.0]))
+    with pytest.raises(ValueError, match="mu1 must be an array of numbers, got None"):
+        GaussianOracle.independent(None, np.eye(2), path)
+
+
+def test_bad_oracle_shapes_and_counts_raise_naming_the_value():
+    mu1, S1 = gaussian(0, D)
+    path = interpolants.linear()
+    oracle = GaussianOracle.independent(mu1, S1, path)
+    cases = [
+        (
+            lambda: GaussianOracle.inpainting(mu1, S1, PATTERN.reshape(SHAPE), path),
+            r"mask must be a flat vector \[d\].*got shape \(2, 2, 1\)",
+        ),
+        (
+            lambda: GaussianOracle.superres(mu1, S1, (2, 2), 2, 1.0, path),
+            r"image_shape must be \(H, W, C\).*got \(2, 2\)",
+        ),
+        (
+            lambda: GaussianOracle.superres(mu1, S1, SHAPE, 2, "1", path),
+            "sigma must be a real number.*got '1'",
+        ),
+        (
+            lambda: superres_matrix(SHAPE, 0),
+            "factor must be a positive integer, got 0",
+        ),
+        (
+            lambda: oracle.condition(jnp.ones((1, 3)), jnp.ones(1)),
+            r"B must have shape \[k, d = 4\], got shape \(1, 3\)",
+        ),
+        (
+            lambda: oracle.condition(jnp.ones((1, D)), jnp.ones(2)),
+            r"y must have shape \[k\] = \(1,\).*got shape \(2,\)",
+        ),
+        (  # a zero row: B S1 B^T is singular
+            lambda: oracle.condition(jnp.eye(2, D).at[1, 1].set(0.0), jnp.ones(2)),
+            r"singular for B of shape \(2, 4\)",
+        ),
+        (
+            lambda: oracle.sample_pairs(jax.random.key(0), -1),
+            "n must be a positive integer, got -1",
+        ),
+        (
+            lambda: oracle.sample_pairs(jax.random.key(0), 2.5),
+            "n must be a positive integer, got 2.5",
+        ),
+    ]
+    for build, message in cases:
+        with pytest.raises(ValueError, match=message):
+            build()
