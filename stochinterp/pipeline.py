@@ -271,9 +271,10 @@ def prepare_sampling(
 ):
     """The checks and loading that sampling from a trained workdir starts with.
 
-    Checks the workdir (trained with this config), the sampler and FID
-    settings, its ``samples/`` folder and the held-out split's size, all before
-    any work; then reads the FID files and the latest checkpoint.
+    Checks the workdir's saved config against this one, the sampler and FID
+    settings, the workdir's checkpoints and ``samples/`` folder and the
+    held-out split's size, all before any work; then reads the FID files and
+    the latest checkpoint.
 
     Args:
       config, workdir, mesh: the run.
@@ -283,10 +284,12 @@ def prepare_sampling(
     Returns:
       (fid_eval.FidSetup or None, model, variables, step).
     """
-    # The run's identity first: a config given for another run (or none,
-    # the default's) would otherwise be named for its sampler settings.
-    check_trained_workdir(config, workdir)
+    # A config of another run first (or none given: the default's), which
+    # would otherwise be named for its sampler settings.
+    with input_errors.checking_input():
+        train.check_saved_config(workdir, config)
     validate_sampling(config, mesh, num_images, seed)
+    check_trained_workdir(config, workdir)
     check_output_folder(workdir)
     num_images = config.eval.num_images if num_images is None else num_images
     check_held_out_size(config, num_images)
