@@ -1,14 +1,13 @@
 """The launcher refuses bad input at once, with the value in the message."""
 
+import importlib
 import os
 import re
 import subprocess
 import sys
 
 import pytest
-from _train_helpers import one_line_error
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _train_helpers import REPO, one_line_error
 
 
 def run_train(*args, tmp_path, launcher="train"):
@@ -181,18 +180,22 @@ def test_evaluating_another_coupling_is_one_line(tmp_path):
     assert "coupling.name='superres'" in result.stderr.strip().splitlines()[-1]
 
 
+def _fake_trained_workdir(tmp_path, experiment="inpaint_photos16"):
+    """A workdir that passes the cheap checks: checkpoints/ and the config.json
+    of ``configs/<experiment>.py``."""
+    sys.path.insert(0, REPO)
+    config = importlib.import_module(f"configs.{experiment}").get_config()
+    workdir = tmp_path / "wd"
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort())
+    return workdir
+
+
 @pytest.mark.parametrize("launcher", ["sample", "evaluate"])
 def test_a_config_of_another_run_is_refused_before_any_data_is_built(
     tmp_path, launcher
 ):
-    sys.path.insert(0, REPO)
-    from configs import inpaint_photos16
-
-    workdir = tmp_path / "wd"
-    (workdir / "checkpoints").mkdir(parents=True)
-    (workdir / "config.json").write_text(
-        inpaint_photos16.get_config().to_json_best_effort()
-    )
+    workdir = _fake_trained_workdir(tmp_path)
     result = run_train(
         "--workdir",
         str(workdir),
@@ -210,14 +213,7 @@ def test_a_config_of_another_run_is_refused_before_any_data_is_built(
 def test_another_run_is_named_before_the_values_of_the_config_given(tmp_path, launcher):
     """The default config's in-painting has no labels to guide: the workdir's
     class-conditional run is named first, not the guidance setting."""
-    sys.path.insert(0, REPO)
-    from configs import digits_classcond
-
-    workdir = tmp_path / "wd"
-    (workdir / "checkpoints").mkdir(parents=True)
-    (workdir / "config.json").write_text(
-        digits_classcond.get_config().to_json_best_effort()
-    )
+    workdir = _fake_trained_workdir(tmp_path, "digits_classcond")
     result = run_train(
         "--workdir",
         str(workdir),
@@ -230,19 +226,6 @@ def test_another_run_is_named_before_the_values_of_the_config_given(tmp_path, la
     assert "coupling.num_classes: 10 saved, 0 now" in last, last
     assert f"its values are in {workdir / 'config.json'}" in last, last
     assert not (tmp_path / "data").exists()
-
-
-def _fake_trained_workdir(tmp_path):
-    """A workdir that passes the cheap checks: checkpoints/ and config.json."""
-    sys.path.insert(0, REPO)
-    from configs import inpaint_photos16
-
-    workdir = tmp_path / "wd"
-    (workdir / "checkpoints").mkdir(parents=True)
-    (workdir / "config.json").write_text(
-        inpaint_photos16.get_config().to_json_best_effort()
-    )
-    return workdir
 
 
 @pytest.mark.parametrize("launcher", ["sample", "evaluate"])
