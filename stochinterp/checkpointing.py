@@ -39,6 +39,14 @@ class UnreadableCheckpointError(RuntimeError):
     """A listed checkpoint that cannot be restored: damaged or incomplete."""
 
 
+class _Removed(RuntimeError):
+    """A checkpoint removed while it was read (by the run that keeps them)."""
+
+
+# Reads of the latest checkpoint, each after the one before was removed.
+_READ_ATTEMPTS = 5
+
+
 def make_manager(
     directory: str, keep: int, async_save: bool = True, remove_unfinished: bool = False
 ) -> ocp.CheckpointManager:
@@ -67,6 +75,16 @@ def make_manager(
         create=True,
     )
     return _manager(directory, options)
+
+
+def has_steps(directory: str) -> bool:
+    """Whether ``directory`` lists a finished checkpoint (a folder named by its
+    step); a save in progress or interrupted is not one."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return False
+    return any(n.isdigit() and os.path.isdir(os.path.join(directory, n)) for n in names)
 
 
 def open_reader(directory: str) -> ocp.CheckpointManager:
@@ -205,6 +223,9 @@ def restore(
     try:
         return _read(manager, step, template, mesh, need_data)
     except Exception as e:
+        folder = os.path.join(manager.directory, str(step))
+        if not os.path.lexists(folder):
+            raise _Removed(f"checkpoint {folder} was removed while it was read") from e
         hint = _fallback_hint(manager, step, template, mesh, need_data)
         raise input_errors.mark(
             UnreadableCheckpointError(
@@ -325,12 +346,27 @@ def restore_latest(
     A checkpoint whose writing was interrupted, or is still going on, is not
     listed, so it is skipped. A listed one that cannot be read raises
     UnreadableCheckpointError: no earlier one is used in its place unasked.
+    One that a training run removes while it is read (it keeps only the
+    latest few) is replaced by the then latest one, a few times at most.
 
     Returns:
       (step, state, data_state), or None when there is no checkpoint.
     """
-    step = manager.latest_step()
-    if step is None:
-        return None
-    state, data_state = restore(manager, step, template, mesh, need_data)
-    return step, state, data_state
+    for attempt in range(_READ_ATTEMPTS):
+        step = manager.latest_step()
+        if step is None:
+            return None
+        try:
+            state, data_state = restore(manager, step, template, mesh, need_data)
+        except _Removed as e:
+            if attempt == _READ_ATTEMPTS - 1:
+                raise input_errors.mark(
+                    UnreadableCheckpointError(
+                        f"{e}, {_READ_ATTEMPTS} times in a row: the run writing "
+                        f"{manager.directory} keeps too few checkpoints to read one "
+                        "(raise train.keep_checkpoints) or read after it ends"
+                    )
+                ) from e
+            manager.reload()
+            continue
+        return step, state, data_state

@@ -437,10 +437,10 @@ def train_and_evaluate(
     """
     mesh = sharding.make_mesh()
     sampling_now = evaluate_after and evaluate.is_inpainting(config)
-    # A workdir of another run is named before the values of this config.
-    if os.path.isdir(workdir):
+    # A run to resume with another config is named before this config's values.
+    if checkpointing.has_steps(os.path.join(workdir, "checkpoints")):
         with input_errors.checking_input():
-            train.check_saved_config(workdir, config)
+            train.check_saved_config(workdir, config, resume=True)
     # The sampler fields are saved with the run and used by launch.sample and
     # launch.evaluate later: they are checked even when nothing is sampled now
     # (the number of images against the devices only then).

@@ -162,8 +162,15 @@ _FIXED_FIELDS = (
 )
 # Fields a resume must also keep: the batch size and the shuffle seed fix the
 # data order that the saved loader position (a batch index) counts in; with
-# others a resumed run would skip or repeat examples.
-_RESUME_FIELDS = _FIXED_FIELDS + ("data.shuffle_seed", "train.global_batch")
+# others a resumed run would skip or repeat examples. The source folder is
+# the dataset's content, and the seed is taken from the checkpoint's key (the
+# saved config would record one the run never used).
+_RESUME_FIELDS = _FIXED_FIELDS + (
+    "data.shuffle_seed",
+    "train.global_batch",
+    "data.source_dir",
+    "seed",
+)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -235,7 +242,9 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     ensure_writable(workdir, ("checkpoints", "samples"))
     if jax.process_index() != 0:
         return
-    check_saved_config(workdir, config, resume=True)
+    # Without a checkpoint there is nothing to resume: any config may start.
+    if checkpointing.has_steps(os.path.join(workdir, "checkpoints")):
+        check_saved_config(workdir, config, resume=True)
     path = os.path.join(workdir, "config.json")
     with open(path + ".tmp", "w") as f:
         f.write(config.to_json_best_effort(indent=2))

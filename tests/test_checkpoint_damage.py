@@ -73,6 +73,47 @@ def truncate(path: str) -> None:
 # --------------------------------------------------- a save still in progress
 
 
+@pytest.mark.parametrize("removals, step", [(1, 33), (2, None)])
+def test_a_checkpoint_removed_while_it_is_read_gives_way_to_the_latest(
+    folder, state, mesh, monkeypatch, removals, step
+):
+    """A training run that keeps few checkpoints removes the oldest ones."""
+    read = checkpointing._read
+    removed = []
+
+    def read_after_removal(manager, step, *args):
+        if len(removed) < removals:
+            shutil.rmtree(os.path.join(folder, str(step)))
+            removed.append(step)
+        return read(manager, step, *args)
+
+    monkeypatch.setattr(checkpointing, "_read", read_after_removal)
+    restored = read_latest(folder, state, mesh)
+    assert removed == [34, 33][:removals]
+    if step is None:
+        assert restored is None  # nothing left: as in a workdir never trained
+    else:
+        assert restored[0] == step and restored[2] == {"next_index": step}
+
+
+def test_a_reader_outrun_by_removals_says_so(folder, state, mesh, monkeypatch):
+    read = checkpointing._read
+    monkeypatch.setattr(checkpointing, "_READ_ATTEMPTS", 2)
+
+    def read_while_training_goes_on(manager, step, *args):
+        # The run removes this one and writes a newer one meanwhile.
+        os.rename(os.path.join(folder, str(step)), os.path.join(folder, str(step + 2)))
+        return read(manager, step, *args)
+
+    monkeypatch.setattr(checkpointing, "_read", read_while_training_goes_on)
+    with pytest.raises(
+        checkpointing.UnreadableCheckpointError,
+        match=r"removed while it was read, 2 times in a row: .*keep_checkpoints",
+    ) as error:
+        read_latest(folder, state, mesh)
+    assert input_errors.is_input_error(error.value)
+
+
 def test_readers_leave_an_unfinished_save_and_the_folder_untouched(folder, state, mesh):
     unfinished = os.path.join(folder, "35.orbax-checkpoint-tmp")
     os.makedirs(os.path.join(unfinished, "state"))

@@ -214,6 +214,7 @@ def test_another_run_is_named_before_the_values_of_the_config_given(tmp_path, la
     """The default config's in-painting has no labels to guide: the workdir's
     class-conditional run is named first, not the guidance setting."""
     workdir = _fake_trained_workdir(tmp_path, "digits_classcond")
+    (workdir / "checkpoints" / "5").mkdir()  # a run to resume, for launch.train
     result = run_train(
         "--workdir",
         str(workdir),

@@ -464,13 +464,33 @@ def test_a_resume_with_another_batch_or_data_order_is_refused(tmp_path):
     workdir.mkdir()
     config = tiny_config(tmp_path)
     (workdir / "config.json").write_text(config.to_json_best_effort())
-    other = tiny_config(tmp_path, **{"train.global_batch": 16, "data.shuffle_seed": 5})
+    changes = {
+        "train.global_batch": 16,
+        "data.shuffle_seed": 5,
+        "data.source_dir": "/elsewhere",
+        "seed": 7,
+    }
+    other = tiny_config(tmp_path, **changes)
     with pytest.raises(
         ValueError,
-        match=r"data.shuffle_seed: 0 saved, 5 now; train.global_batch: \d+ saved, 16",
+        match=r"data.shuffle_seed: 0 saved, 5 now; data.source_dir: '' saved, "
+        r"'/elsewhere' now; seed: 0 saved, 7 now; train.global_batch: \d+ saved, 16",
     ):
         train.check_saved_config(str(workdir), other, resume=True)
     train.check_saved_config(str(workdir), other)  # sampling reads the same weights
+
+
+def test_a_workdir_without_a_checkpoint_takes_any_config(tmp_path, monkeypatch):
+    """What a Ctrl-C before the first checkpoint leaves: config.json, empty folders."""
+    workdir = tmp_path / "wd"
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "config.json").write_text(tiny_config(tmp_path).to_json_best_effort())
+    other = tiny_config(tmp_path, **{"model.dim": 16, "train.global_batch": 16})
+    train.prepare_workdir(str(workdir), other)
+    assert json.loads((workdir / "config.json").read_text())["model"]["dim"] == 16
+    (workdir / "checkpoints" / "3").mkdir()  # a finished save of step 3
+    with pytest.raises(ValueError, match=r"model.dim: 16 saved, 8 now"):
+        train.prepare_workdir(str(workdir), tiny_config(tmp_path))
 
 
 def test_state_and_data_position_round_trip(tmp_path):
