@@ -36,6 +36,7 @@ def main(argv):
     import jax
 
     from stochinterp import pipeline, sharding
+    from stochinterp import workdir as workdir_lib
 
     mesh = sharding.make_mesh()
     pipeline.check_inpainting(config)
@@ -62,8 +63,7 @@ def main(argv):
         eval_settings=config.eval.to_dict(),
     )
     if jax.process_index() == 0:
-        with open(path, "w") as f:
-            json.dump(metrics, f, indent=2)
+        workdir_lib.write_json(path, metrics)
         print(json.dumps(metrics, indent=2))
 
 

@@ -58,6 +58,7 @@ def main(argv):
     import numpy as np
 
     from stochinterp import evaluate, input_errors, pipeline, sharding
+    from stochinterp import workdir as workdir_lib
 
     mesh = sharding.make_mesh()
     with input_errors.checking_input():
@@ -89,8 +90,8 @@ def main(argv):
     k = min(config.eval.grid_images, len(x1))
     os.makedirs(os.path.dirname(picture), exist_ok=True)
     evaluate.save_grid(picture, [np.clip(x0[:k], -1, 1), samples[:k], x1[:k]])
-    with open(json_path, "w") as f:  # last: its presence means a complete run
-        json.dump(metrics, f, indent=2)
+    # Last: its presence means a complete run.
+    workdir_lib.write_json(json_path, metrics)
     print(json.dumps(metrics, indent=2))
 
 

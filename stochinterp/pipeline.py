@@ -427,6 +427,17 @@ def evaluate_inpainting(
     return metrics
 
 
+def _read_metrics(path: str) -> dict:
+    """The metrics a run wrote; {} with a warning when the file is damaged."""
+    try:
+        with open(path) as f:
+            metrics = json.load(f)
+    except (OSError, ValueError) as e:
+        log.warning("%s cannot be read (%s): no metrics to return", path, e)
+        return {}
+    return metrics if isinstance(metrics, dict) else {}
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, evaluate_after: bool = True
 ) -> dict:
@@ -462,8 +473,7 @@ def train_and_evaluate(
     metrics_path = os.path.join(workdir, "metrics.json")
     if not result.history["loss"] and os.path.exists(metrics_path):
         log.info("no step trained in this run: %s kept as it was", metrics_path)
-        with open(metrics_path) as f:
-            return json.load(f)
+        return _read_metrics(metrics_path)
 
     metrics = {
         "final_loss": result.history["loss"][-1] if result.history["loss"] else None,
@@ -488,7 +498,6 @@ def train_and_evaluate(
     metrics["wall_seconds"] = time.time() - start
     metrics["config"] = json.loads(config.to_json_best_effort())
     if jax.process_index() == 0:
-        with open(metrics_path, "w") as f:
-            json.dump(metrics, f, indent=2)
+        workdir_lib.write_json(metrics_path, metrics)
         log.info("metrics: %s", {k: v for k, v in metrics.items() if k != "config"})
     return metrics

@@ -60,6 +60,7 @@ from stochinterp import (
 )
 from stochinterp import data as data_lib
 from stochinterp import train_state as ts
+from stochinterp import workdir as workdir_lib
 from stochinterp.models.unet import UNet
 from stochinterp.workdir import ensure_writable
 
@@ -245,10 +246,9 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     # Without a checkpoint there is nothing to resume: any config may start.
     if checkpointing.has_steps(os.path.join(workdir, "checkpoints")):
         check_saved_config(workdir, config, resume=True)
-    path = os.path.join(workdir, "config.json")
-    with open(path + ".tmp", "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    os.replace(path + ".tmp", path)
+    workdir_lib.write_text(
+        os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
+    )
 
 
 def build_model(config: ml_collections.ConfigDict, image_channels: int) -> UNet:
@@ -517,12 +517,7 @@ def _drop_records_after(path: str, step: int) -> None:
     kept = [line for line in lines if line.endswith("\n") and not _after(line, step)]
     if kept == lines:
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    workdir_lib.write_text(path, "".join(kept))
 
 
 def _after(line: str, step: int) -> bool:

@@ -5,6 +5,7 @@ Imports nothing heavy, so a launcher can call it before jax starts.
 
 from __future__ import annotations
 
+import json
 import os
 
 
@@ -79,3 +80,19 @@ def check_usable(workdir: str, must_exist: bool) -> str:
             "writable folder); choose another --workdir or fix its permissions"
         )
     return path
+
+
+def write_text(path: str, text: str) -> None:
+    """Replaces the file ``path`` with ``text`` atomically: a kill meanwhile
+    leaves the old file or the new one, never a part of the new one."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: str, record: dict) -> None:
+    """Writes ``record`` as indented JSON to ``path`` atomically."""
+    write_text(path, json.dumps(record, indent=2))

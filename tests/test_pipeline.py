@@ -168,6 +168,20 @@ def test_a_rerun_that_trains_nothing_keeps_the_metrics(main_job):
     assert again == json.loads(before) and again["steps_this_run"] == 4
 
 
+def test_a_rerun_that_trains_nothing_reads_damaged_metrics_with_a_warning(
+    main_job, tmp_path, caplog
+):
+    config, workdir, _ = main_job
+    copy = shutil.copytree(workdir, tmp_path / "run")
+    damaged = (copy / "metrics.json").read_bytes()[:100]
+    (copy / "metrics.json").write_bytes(damaged)
+    with caplog.at_level("WARNING", logger="stochinterp.pipeline"):
+        assert pipeline.train_and_evaluate(config, str(copy)) == {}
+    assert (copy / "metrics.json").read_bytes() == damaged  # left for the user
+    assert any("metrics.json cannot be read" in r.getMessage() for r in caplog.records)
+    assert not list(copy.glob("*.tmp"))
+
+
 def test_more_images_than_the_held_out_split_is_an_input_error(main_job):
     from stochinterp.input_errors import is_input_error
 
