@@ -1,14 +1,17 @@
 """The photo_patches and digits datasets as built on disk."""
 
+import fcntl
+import functools
 import os
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from ml_collections import ConfigDict
 from sklearn.datasets import load_digits
 
 from stochinterp import data
-from stochinterp.data import photo_patches
+from stochinterp.data import digits, photo_patches
 from stochinterp.data.photo_patches import PHOTOS
 
 
@@ -181,3 +184,43 @@ def test_digits(tmp_path):
 def test_photo_patches_32(tmp_path):
     info = data.dataset_info(_config("photo_patches", 32, tmp_path))
     assert info.split_sizes == {"train": 7015, "test": 2322}
+
+
+def test_a_build_waits_for_another_and_reuses_what_it_built(tmp_path, monkeypatch):
+    """Two runs starting together on a new data directory build it once."""
+    real_build = tfds.core.DatasetBuilder.download_and_prepare
+    built = []
+
+    def build_while_holding_the_lock(self, *args, **kwargs):
+        built.append(self.name)
+        with open(tmp_path / ".digits.build.lock") as handle:
+            with pytest.raises(BlockingIOError):  # another run would wait
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return real_build(self, *args, **kwargs)
+
+    monkeypatch.setattr(
+        tfds.core.DatasetBuilder, "download_and_prepare", build_while_holding_the_lock
+    )
+    make = functools.partial(digits.Digits, config="8", data_dir=str(tmp_path))
+    assert data.prepare._prepare_here(make, str(tmp_path)).is_prepared()
+    assert built == ["digits"]
+
+    # A second run that found no dataset, then waited for the lock while the
+    # first built it, reads that dataset instead of building it again.
+    found = iter([False])
+    monkeypatch.setattr(
+        tfds.core.DatasetBuilder, "is_prepared", lambda self: next(found, True)
+    )
+    data.prepare._prepare_here(make, str(tmp_path))
+    assert built == ["digits"]
+
+
+def test_an_unwritable_data_directory_is_named_before_a_build(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    data_dir = tmp_path / "a_file" / "tfds"
+    with pytest.raises(
+        PermissionError,
+        match=r"data directory .*tfds' cannot be written .* set data.data_dir or "
+        r"\$STOCHINTERP_DATA_DIR to a writable folder",
+    ):
+        data.builder(_config("digits", 8, data_dir))

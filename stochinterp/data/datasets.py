@@ -153,7 +153,7 @@ def builder(data_config: Any) -> tfds.core.DatasetBuilder:
         make = functools.partial(
             imagenet.imagenet_folder_builder, size, data_dir, source_dir
         )
-    return prepare.prepare(make, f"{name}/{size}@{data_dir}")
+    return prepare.prepare(make, f"{name}/{size}@{data_dir}", data_dir)
 
 
 def _decode_imagenet2012(record: dict[str, Any], size: int) -> tuple[np.ndarray, int]:

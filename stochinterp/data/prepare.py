@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Callable
 
@@ -26,25 +27,54 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> str:
     return os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
 
 
-def _prepare_here(builder: tfds.core.DatasetBuilder) -> None:
+def _prepare_here(
+    make_builder: Callable[[], tfds.core.DatasetBuilder], data_dir: str
+) -> tfds.core.DatasetBuilder:
+    """Builds the dataset into ``data_dir`` unless it is there; returns its builder.
+
+    Builds are serialised by a lock file in ``data_dir``: a second process
+    that starts while the first builds waits, then reuses what it built.
+    """
+    builder = make_builder()
     if builder.is_prepared():
         logging.info("Reusing %s from %s", builder.name, builder.data_dir)
-        return
-    logging.info("Building %s into %s", builder.info.full_name, builder.data_dir)
-    builder.download_and_prepare(
-        file_format=FILE_FORMAT,
-        download_config=tfds.download.DownloadConfig(
-            compute_stats=tfds.download.ComputeStatsMode.SKIP,
-            try_download_gcs=False,
-        ),
-    )
+        return builder
+    lock_path = os.path.join(data_dir, f".{builder.name}.build.lock")
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        handle = open(lock_path, "a")
+    except OSError as e:
+        raise PermissionError(
+            f"data directory {data_dir!r} cannot be written ({e.strerror}), and "
+            f"{builder.info.full_name} must be built there first: set "
+            f"data.data_dir or ${DATA_DIR_ENV} to a writable folder"
+        ) from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            logging.info("Waiting for another process building %s", lock_path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        builder = make_builder()  # reads what another process may have built
+        if builder.is_prepared():
+            logging.info("Reusing %s from %s", builder.name, builder.data_dir)
+            return builder
+        logging.info("Building %s into %s", builder.info.full_name, builder.data_dir)
+        builder.download_and_prepare(
+            file_format=FILE_FORMAT,
+            download_config=tfds.download.DownloadConfig(
+                compute_stats=tfds.download.ComputeStatsMode.SKIP,
+                try_download_gcs=False,
+            ),
+        )
+    return builder
 
 
 _SYNCED: set[str] = set()
 
 
 def prepare(
-    make_builder: Callable[[], tfds.core.DatasetBuilder], key: str
+    make_builder: Callable[[], tfds.core.DatasetBuilder], key: str, data_dir: str
 ) -> tfds.core.DatasetBuilder:
     """Builds a dataset unless it is already in its data directory.
 
@@ -58,23 +88,20 @@ def prepare(
         builder reads the dataset's metadata when it is made, so the other
         processes make theirs after the wait.
       key: names the dataset and data directory.
+      data_dir: the data directory (where the build lock lies).
 
     Returns:
       A builder whose dataset is prepared, ready for ``as_data_source``.
     """
     if jax.process_count() == 1 or key in _SYNCED:
-        builder = make_builder()
-        _prepare_here(builder)
-        return builder
+        return _prepare_here(make_builder, data_dir)
     builder = None
     if jax.process_index() == 0:
-        builder = make_builder()
-        _prepare_here(builder)
+        builder = _prepare_here(make_builder, data_dir)
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(f"stochinterp_data_prepare:{key}")
     _SYNCED.add(key)
     if builder is None:
-        builder = make_builder()
-        _prepare_here(builder)
+        builder = _prepare_here(make_builder, data_dir)
     return builder
