@@ -109,6 +109,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return FLAGS(argv)
     except _BAD_FLAG_ERRORS as e:
+        if path is not None and "attribute 'get_config'" in str(e):
+            sys.exit(
+                f"error: --config file {path!r} defines no get_config(): not a "
+                "config file (see configs/)"
+            )
         _exit_with(_unknown_field(e, argv) or e)
 
 

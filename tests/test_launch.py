@@ -54,6 +54,21 @@ def test_help_lists_the_shared_flags(tmp_path, launcher):
         assert flag in result.stdout, (launcher, flag)
 
 
+def test_a_file_that_is_not_a_config_is_one_line(tmp_path):
+    (tmp_path / "notes.py").write_text("x = 1\n")
+    result = run_train(
+        "--workdir",
+        str(tmp_path / "wd"),
+        f"--config={tmp_path}/notes.py",
+        tmp_path=tmp_path,
+    )
+    assert one_line_error(result) == (
+        f"error: --config file '{tmp_path}/notes.py' defines no get_config(): not a "
+        "config file (see configs/)"
+    )
+    assert not (tmp_path / "wd").exists()
+
+
 def test_a_missing_config_file_is_one_line(tmp_path):
     result = run_train(
         "--workdir", str(tmp_path / "wd"), "--config=configs/nope.py", tmp_path=tmp_path

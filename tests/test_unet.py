@@ -207,6 +207,10 @@ def test_labels_for_a_model_without_classes_raise():
     [
         (dict(dim=20), "must divide every width"),
         (dict(dim_mults=()), "at least one multiplier"),
+        (dict(dim_mults=(True, 2)), r"dim_mults \(\(True, 2\)\) must be positive"),
+        (dict(dim_mults=(1, "a")), r"dim_mults \(\(1, 'a'\)\) must be positive"),
+        (dict(dim_mults=(1, 2.0)), r"dim_mults \(\(1, 2.0\)\) must be positive"),
+        (dict(dim=8.0), r"dim \(8.0\) and dim_mults .* must be positive"),
         (dict(class_null=True), "need num_classes"),
         (dict(class_channel=True), "need num_classes"),
         (dict(num_classes=0), "num_classes must be positive"),

@@ -21,6 +21,7 @@ Time is used as given: the network never rescales ``t``.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -302,13 +303,21 @@ class UNet(nn.Module):
             )
 
 
+def _positive_int(value) -> bool:
+    return (
+        isinstance(value, numbers.Integral)
+        and not isinstance(value, bool)
+        and value > 0
+    )
+
+
 def _check_config(model: UNet) -> None:
     """Raises ValueError for an inconsistent UNet configuration."""
     mults = tuple(model.dim_mults)
-    if model.dim <= 0 or not mults or any(int(m) != m or m <= 0 for m in mults):
+    if not (_positive_int(model.dim) and mults and all(map(_positive_int, mults))):
         raise ValueError(
-            f"dim ({model.dim}) and dim_mults ({mults}) must be positive integers,"
-            " with at least one multiplier"
+            f"dim ({model.dim!r}) and dim_mults ({mults!r}) must be positive "
+            "integers, with at least one multiplier"
         )
     g = model.resnet_block_groups
     if isinstance(g, bool) or not isinstance(g, int) or g < 1:
