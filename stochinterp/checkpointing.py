@@ -29,6 +29,8 @@ from stochinterp import input_errors, sharding
 
 # TensorStore appends its whole spec, kilobytes of JSON, to its first line.
 _TENSORSTORE_SPEC = " [tensorstore_spec"
+# Where a TensorStore error's own text ends and its dump of the store begins.
+_TENSORSTORE_DUMPS = (_TENSORSTORE_SPEC, " See full TensorStore details")
 _CLOSED_LOOP = "Event loop is closed"
 _echoes_dropped = False
 _ORBAX_FOLDER = os.path.dirname(ocp.__file__)
@@ -273,7 +275,7 @@ def _is_echo(report) -> bool:
 def _not_an_unretrieved_read(record: logging.LogRecord) -> bool:
     error = record.exc_info[1] if record.exc_info else None
     unretrieved = "exception was never retrieved" in str(record.msg)
-    return not (unretrieved and _TENSORSTORE_SPEC in str(error))
+    return not (unretrieved and any(d in str(error) for d in _TENSORSTORE_DUMPS))
 
 
 class _MissingItems(Exception):
@@ -310,7 +312,10 @@ def _reason(error: Exception) -> str:
     if isinstance(error, _MissingItems):
         return str(error)
     lines = str(error).strip().splitlines()
-    line = lines[0].split(_TENSORSTORE_SPEC)[0].rstrip(" .:") if lines else ""
+    line = lines[0] if lines else ""
+    for dump in _TENSORSTORE_DUMPS:
+        line = line.split(dump)[0]
+    line = line.rstrip(" .:")
     if len(line) > _MAX_REASON:
         line = line[: _MAX_REASON - 3] + "..."
     return f"{type(error).__name__}: {line}" if line else type(error).__name__

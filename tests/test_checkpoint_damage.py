@@ -308,3 +308,17 @@ def test_a_fresh_start_drops_every_record_and_a_complete_log_is_not_rewritten(
 
     train._Logger(str(tmp_path), 0, 100, None)
     assert path.read_text() == ""
+
+
+@pytest.mark.parametrize(
+    "dump",
+    [
+        ' [tensorstore_spec=\'{"driver":"zarr"}\']',
+        " See full TensorStore details: <bound method spec of TensorStore({.",
+    ],
+)
+def test_a_read_error_is_named_without_tensorstores_dump(dump):
+    error = ValueError(f'NOT_FOUND: Error opening "zarr" driver: no metadata{dump}')
+    assert checkpointing._reason(error) == (
+        'ValueError: NOT_FOUND: Error opening "zarr" driver: no metadata'
+    )
