@@ -13,7 +13,7 @@ import re
 import sys
 import warnings
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -353,7 +353,10 @@ def start(argv: list[str], workdir_must_exist: bool = True) -> str:
     error.
     """
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        sys.exit(
+            f"error: unexpected arguments {argv[1:]}: every setting is a flag "
+            "(--help lists them)"
+        )
     path = check_workdir(FLAGS.workdir, workdir_must_exist)
     from stochinterp.host_memory import restart_with_huge_pages  # no jax import
 

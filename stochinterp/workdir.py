@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import os
 
+# Linux's limits on a path and on one name in it (bytes).
+_PATH_MAX, _NAME_MAX = 4096, 255
+
 
 def _folder_path(workdir: str) -> str:
     """The absolute path of ``workdir``; raises if a file is in its place."""
@@ -15,6 +18,18 @@ def _folder_path(workdir: str) -> str:
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(
             f"workdir {workdir!r} is a file, not a folder; choose another --workdir"
+        )
+    if os.path.islink(path) and not os.path.exists(path):
+        raise NotADirectoryError(
+            f"workdir {workdir!r} is a symbolic link to {os.readlink(path)!r}, "
+            "which does not exist; make that folder or choose another --workdir"
+        )
+    longest = max(len(os.fsencode(part)) for part in path.split(os.sep))
+    if len(os.fsencode(path)) >= _PATH_MAX or longest > _NAME_MAX:
+        raise PermissionError(
+            f"workdir path of {len(path)} characters (a name of {longest}) is "
+            f"longer than the system allows ({_PATH_MAX - 1}, names {_NAME_MAX}); "
+            "choose a shorter --workdir"
         )
     return path
 

@@ -69,6 +69,15 @@ def test_a_file_that_is_not_a_config_is_one_line(tmp_path):
     assert not (tmp_path / "wd").exists()
 
 
+def test_a_stray_positional_argument_is_one_line(tmp_path):
+    result = run_train("--workdir", str(tmp_path / "wd"), "extra", tmp_path=tmp_path)
+    assert result.stderr.strip() == (
+        "error: unexpected arguments ['extra']: every setting is a flag (--help "
+        "lists them)"
+    )
+    assert result.returncode == 1 and not (tmp_path / "wd").exists()
+
+
 def test_a_missing_config_file_is_one_line(tmp_path):
     result = run_train(
         "--workdir", str(tmp_path / "wd"), "--config=configs/nope.py", tmp_path=tmp_path

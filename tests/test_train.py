@@ -345,6 +345,20 @@ def test_out_of_range_values_are_refused_before_the_workdir_is_made(
     assert not workdir.exists()
 
 
+def test_a_dangling_link_or_an_overlong_path_is_named_before_anything_is_made(
+    tmp_path,
+):
+    link = tmp_path / "wd"
+    link.symlink_to(tmp_path / "gone")
+    for must_exist in (False, True):
+        with pytest.raises(SystemExit, match="symbolic link to .*gone', which does"):
+            _common.check_workdir(str(link), must_exist=must_exist)
+    for path in (tmp_path / ("y" * 256), tmp_path.joinpath(*["y" * 200] * 25)):
+        with pytest.raises(SystemExit, match="longer than the system allows"):
+            _common.check_workdir(str(path), must_exist=False)
+    assert sorted(os.listdir(tmp_path)) == ["wd"]
+
+
 def test_an_unwritable_workdir_is_refused_before_data_or_model(tmp_path, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
