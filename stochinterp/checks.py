@@ -83,3 +83,16 @@ def check_finite(name: str, value) -> None:
     if values is not None and not np.isfinite(values).all():
         bad = np.unique(values[~np.isfinite(values)]).tolist()
         raise ValueError(f"{name} must be finite, got {bad} among its entries")
+
+
+def check_binary_mask(name: str, mask) -> None:
+    """Raises unless a concrete mask holds only 0 (to generate) and 1 (known)."""
+    values = None if mask is None else sharding.host_values(mask)
+    if values is None:
+        return
+    bad = values[(values != 0) & (values != 1)]
+    if bad.size:
+        raise ValueError(
+            f"{name} must hold only 0 (to generate) and 1 (known), got "
+            f"{bad.size} other values, e.g. {np.unique(bad)[:5].tolist()}"
+        )

@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stochinterp import samplers, sharding
-from stochinterp.checks import is_real_dtype
+from stochinterp import checks, samplers
 from stochinterp.interpolants import Interpolant, broadcast_time
 
 Field = Callable[[jax.Array, jax.Array, dict], jax.Array]
@@ -137,14 +136,7 @@ def guided(field: Field, scale: float, null_label: int) -> Field:
 
 def _check_scale(scale) -> None:
     """Raises unless ``scale`` is one finite real number (a traced one passes)."""
-    bad = f"guidance scale must be one finite real number, got {scale!r}"
-    if scale is None or isinstance(scale, bool | str) or np.ndim(scale) != 0:
-        raise ValueError(bad)
-    values = sharding.host_values(scale)
-    if values is None:
-        return
-    if not is_real_dtype(values.dtype) or not np.isfinite(values):
-        raise ValueError(bad)
+    checks.check_real("guidance scale", scale, "that is finite", np.isfinite)
 
 
 def score_from_velocity(
@@ -305,17 +297,11 @@ def sde_variance(
 def _check_noise_scale(sigma, guidance_scale) -> None:
     """Raises unless sigma is one finite number >= 0 and the scale is finite."""
     _check_scale(guidance_scale)
-    values = None if np.ndim(sigma) else sharding.host_values(sigma)
-    if (
-        isinstance(sigma, bool)
-        or values is None
-        or not is_real_dtype(values.dtype)
-        or not 0 <= values < np.inf
-    ):
-        raise ValueError(
-            "sigma must be one finite number >= 0 (the smallest base noise scale "
-            f"on the pixels that move: couplings.base_noise_scale), got {sigma!r}"
-        )
+    checks.check_noise_scale(
+        "sigma (the smallest base noise scale on the pixels that move: "
+        "couplings.base_noise_scale)",
+        sigma,
+    )
 
 
 def sde_excess_spread(

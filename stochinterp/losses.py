@@ -15,10 +15,9 @@ from collections.abc import Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from stochinterp import checks
 from stochinterp import interpolants as interp_lib
-from stochinterp import sharding
 from stochinterp.couplings import Coupling, CouplingSample
 from stochinterp.fields import network_fields
 
@@ -184,13 +183,7 @@ def _check_sample(sample, x1) -> None:
             f"the coupling's mask of shape {jnp.shape(sample.mask)} does not "
             f"broadcast against the images {x1.shape} ([batch, H, W, 1] expected)"
         )
-    values = sharding.host_values(sample.mask)
-    if values is not None and not np.isin(values, (0, 1)).all():
-        bad = np.unique(values[~np.isin(values, (0, 1))])[:5].tolist()
-        raise ValueError(
-            f"the coupling's mask must hold only 0 (to generate) and 1 (known), "
-            f"got {bad}"
-        )
+    checks.check_binary_mask("the coupling's mask", sample.mask)
 
 
 def loss_by_time_bin(

@@ -72,7 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from stochinterp import sharding
+from stochinterp import checks, sharding
 from stochinterp.interpolants import check_time_range
 
 Field = Callable[[jax.Array, jax.Array, object], jax.Array]
@@ -426,7 +426,7 @@ def make_sampler(
 
         def checked_sample(x0, xi, key=None, mask=None):
             _check_finite_x0(x0)
-            _check_mask_values(mask)
+            checks.check_binary_mask("mask", mask)
             return jitted_sample(x0, xi, key, mask)
 
         return checked_sample
@@ -439,7 +439,7 @@ def make_sampler(
         mask = mask if mask is None or hasattr(mask, "shape") else np.asarray(mask)
         sharding.check_global_batch(x0.shape[0], mesh)
         _check_finite_x0(x0)
-        _check_mask_values(mask)
+        checks.check_binary_mask("mask", mask)
 
         def place(a):
             split = jnp.ndim(a) >= 1 and a.shape[0] == x0.shape[0]
@@ -513,7 +513,7 @@ def _check_inputs(x0, settings, score, key, mask) -> None:
                 f"mask of shape {jnp.shape(mask)} does not broadcast against x0 "
                 f"of shape {jnp.shape(x0)}"
             )
-        _check_mask_values(mask)
+        checks.check_binary_mask("mask", mask)
 
 
 def _check_key(key) -> None:
@@ -550,19 +550,6 @@ def _check_finite_x0(x0) -> None:
         raise ValueError(
             f"x0 must be finite, got {bad} NaN or infinite values as {x0.dtype} "
             f"(the first at index {first}: {values[first]})"
-        )
-
-
-def _check_mask_values(mask) -> None:
-    """Raises unless a concrete mask holds only 0 and 1 (traced masks pass)."""
-    values = None if mask is None else sharding.host_values(mask)
-    if values is None:
-        return
-    bad = values[(values != 0) & (values != 1)]
-    if bad.size:
-        raise ValueError(
-            f"mask must hold only 0 (to generate) and 1 (known), got "
-            f"{bad.size} other values, e.g. {np.unique(bad)[:5].tolist()}"
         )
 
 

@@ -165,7 +165,7 @@ def test_make_loss_fn_names_arguments_of_the_wrong_kind():
     "mask, message",
     [
         (jnp.ones((64, 8, 8)), r"mask of shape \(64, 8, 8\) does not broadcast"),
-        (jnp.full((64, 8, 8, 1), 0.5), r"only 0 \(to generate\) and 1 .* got \[0.5\]"),
+        (jnp.full((64, 8, 8, 1), 0.5), r"only 0 \(to generate\) and 1 .* e.g. \[0.5\]"),
     ],
 )
 def test_a_user_couplings_mask_is_checked_against_the_images(mask, message):
