@@ -24,7 +24,7 @@ Faults:
   ``train.max_seconds`` budget) saves a checkpoint after the current step
   (the first one included, which is compiled first) and returns with
   ``TrainResult.preempted`` (``out_of_time``); during set-up before that, a
-  Ctrl-C raises KeyboardInterrupt and nothing is written;
+  Ctrl-C raises KeyboardInterrupt and no checkpoint is written;
   a second Ctrl-C ends the process at once (the last complete checkpoint
   stays). With several processes they agree to stop at the next log or
   checkpoint step.
@@ -62,7 +62,6 @@ from stochinterp import data as data_lib
 from stochinterp import train_state as ts
 from stochinterp import workdir as workdir_lib
 from stochinterp.models.unet import UNet
-from stochinterp.workdir import ensure_writable
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +239,7 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     Process 0 alone checks and writes ``config.json`` (the others would read
     it while it is being rewritten); the file is replaced atomically.
     """
-    ensure_writable(workdir, ("checkpoints", "samples"))
+    workdir_lib.ensure_writable(workdir, ("checkpoints", "samples"))
     if jax.process_index() != 0:
         return
     # Without a checkpoint there is nothing to resume: any config may start.
@@ -648,7 +647,7 @@ def train(
         data_lib.validate(config.data)
         coupling, _, model, loss_fn, optimizer = setup(config, mesh)
         _check_dataset(config)  # builds the dataset if needed
-        ensure_writable(workdir)
+        workdir_lib.ensure_writable(workdir)
     with _workdir_lock(workdir):
         with input_errors.checking_input():
             prepare_workdir(workdir, config)
