@@ -85,6 +85,21 @@ def check_finite(name: str, value) -> None:
         raise ValueError(f"{name} must be finite, got {bad} among its entries")
 
 
+def check_mask(name: str, mask, shape: tuple, against: str) -> None:
+    """Raises unless ``mask`` broadcasts to ``shape`` (that of ``against``) and,
+    when concrete, holds only 0 and 1 (see :func:`check_binary_mask`)."""
+    try:
+        fits = np.broadcast_shapes(np.shape(mask), tuple(shape)) == tuple(shape)
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{name} of shape {np.shape(mask)} does not broadcast against "
+            f"{against} of shape {tuple(shape)}"
+        )
+    check_binary_mask(name, mask)
+
+
 def check_binary_mask(name: str, mask) -> None:
     """Raises unless a concrete mask holds only 0 (to generate) and 1 (known)."""
     values = None if mask is None else sharding.host_values(mask)

@@ -172,18 +172,8 @@ def _check_sample(sample, x1) -> None:
         raise ValueError(
             f"the coupling must return a CouplingSample, got {type(sample).__name__}"
         )
-    if sample.mask is None:
-        return
-    try:
-        fits = jnp.broadcast_shapes(jnp.shape(sample.mask), x1.shape) == x1.shape
-    except ValueError:
-        fits = False
-    if not fits:
-        raise ValueError(
-            f"the coupling's mask of shape {jnp.shape(sample.mask)} does not "
-            f"broadcast against the images {x1.shape} ([batch, H, W, 1] expected)"
-        )
-    checks.check_binary_mask("the coupling's mask", sample.mask)
+    if sample.mask is not None:
+        checks.check_mask("the coupling's mask", sample.mask, x1.shape, "the images")
 
 
 def loss_by_time_bin(

@@ -128,9 +128,13 @@ def check_trained_workdir(config, workdir: str) -> None:
     Cheap (reads ``config.json`` only): launchers call it before any work.
     The fields that must match are those of ``train.check_saved_config``.
     """
+    _check_has_checkpoints(workdir)
+    train.check_saved_config(workdir, config)
+
+
+def _check_has_checkpoints(workdir: str) -> None:
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise _no_checkpoint(workdir)
-    train.check_saved_config(workdir, config)
 
 
 @input_errors.checks
@@ -288,8 +292,8 @@ def prepare_sampling(
     # would otherwise be named for its sampler settings.
     with input_errors.checking_input():
         train.check_saved_config(workdir, config)
-    validate_sampling(config, mesh, num_images, seed)
-    check_trained_workdir(config, workdir)
+        validate_sampling(config, mesh, num_images, seed)
+        _check_has_checkpoints(workdir)
     check_output_folder(workdir)
     num_images = config.eval.num_images if num_images is None else num_images
     check_held_out_size(config, num_images)

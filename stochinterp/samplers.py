@@ -504,16 +504,7 @@ def _check_inputs(x0, settings, score, key, mask) -> None:
     if settings.method == "euler_maruyama" and key is not None:
         _check_key(key)
     if mask is not None:
-        try:
-            shape = jnp.broadcast_shapes(jnp.shape(mask), jnp.shape(x0))
-        except ValueError:
-            shape = None
-        if shape != jnp.shape(x0):
-            raise ValueError(
-                f"mask of shape {jnp.shape(mask)} does not broadcast against x0 "
-                f"of shape {jnp.shape(x0)}"
-            )
-        checks.check_binary_mask("mask", mask)
+        checks.check_mask("mask", mask, jnp.shape(x0), "x0")
 
 
 def _check_key(key) -> None:
