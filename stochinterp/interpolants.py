@@ -452,7 +452,9 @@ def check_time_range(
             )
 
 
-def sample_times(key: jax.Array, n: int, t_min: float, t_max: float) -> jax.Array:
+def sample_times(
+    key: jax.Array, n: int, t_min: float, t_max: float, dtype=jnp.float32
+) -> jax.Array:
     """Draws n times uniformly from [t_min, t_max): one per example.
 
     Args:
@@ -461,9 +463,11 @@ def sample_times(key: jax.Array, n: int, t_min: float, t_max: float) -> jax.Arra
       t_min, t_max: the range, scalars; checked with ``check_time_range`` when
         their values are concrete (Python or numpy numbers, or arrays outside
         ``jax.jit``), each against [0, 1] when only one is.
+      dtype: a floating dtype of at least 32 bits (float32 by default, with or
+        without ``jax_enable_x64``).
 
     Returns:
-      [n] times.
+      [n] times of that dtype.
     """
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n <= 0:
         raise ValueError(f"n must be a positive integer, got {n!r}")
@@ -474,4 +478,12 @@ def sample_times(key: jax.Array, n: int, t_min: float, t_max: float) -> jax.Arra
     for name, value in (("t_min", low), ("t_max", high)):
         if value is not None and not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {name}={value}")
-    return jax.random.uniform(key, (n,), minval=t_min, maxval=t_max)
+    try:
+        kind = np.dtype(dtype)
+    except TypeError:
+        kind = None
+    if kind is None or kind.kind != "f" or kind.itemsize < 4:
+        raise ValueError(
+            f"dtype must be a floating dtype of at least 32 bits, got {dtype!r}"
+        )
+    return jax.random.uniform(key, (n,), dtype, minval=t_min, maxval=t_max)

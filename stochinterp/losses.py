@@ -143,7 +143,8 @@ def make_loss_fn(
         key_couple, key_t, key_z = jax.random.split(key, 3)
         sample: CouplingSample = coupling(key_couple, x1, labels)
         _check_sample(sample, x1)
-        t = interp_lib.sample_times(key_t, x1.shape[0], t_min, t_max)
+        time_dtype = jnp.promote_types(x1.dtype, jnp.float32)
+        t = interp_lib.sample_times(key_t, x1.shape[0], t_min, t_max, time_dtype)
         z = None
         if interpolant.has_noise:
             z = jax.random.normal(key_z, x1.shape, x1.dtype)

@@ -201,3 +201,27 @@ def test_loss_by_time_bin_counts():
     sums, counts = losses.loss_by_time_bin(t_nan, values.at[0].set(jnp.nan), 4)
     np.testing.assert_array_equal(counts, [1, 2, 1, 2])
     np.testing.assert_array_equal(sums, [2, 7, 7, 11])
+
+
+def test_times_and_loss_keep_float32_under_x64():
+    apply_fn, init = _affine_net()
+    coupling = InpaintingCoupling(grid=4)
+    params = init(jax.random.key(1), 3 + cond_channels(coupling, 3) + 1, 3)
+    x1, key = _images(), jax.random.key(2)
+    loss_fn = losses.make_loss_fn(apply_fn, interpolants.linear(), coupling, 0, 1)
+    plain = interpolants.sample_times(key, 8, 0.25, 0.5)
+    _, terms32 = loss_fn(params, key, x1)
+    with jax.enable_x64(True):
+        wide = interpolants.sample_times(key, 8, 0.25, 0.5)
+        loss, terms = loss_fn(params, key, x1)
+        params64 = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+        loss64, terms64 = loss_fn(params64, key, x1.astype(jnp.float64))
+        times64 = interpolants.sample_times(key, 8, 0.25, 0.5, jnp.float64)
+        assert float(times64.min()) >= 0.25 and float(times64.max()) < 0.5
+    assert wide.dtype == plain.dtype == jnp.float32
+    np.testing.assert_array_equal(wide, plain)
+    assert loss.dtype == terms.t.dtype == jnp.float32
+    np.testing.assert_array_equal(terms.t, terms32.t)
+    assert loss64.dtype == terms64.t.dtype == times64.dtype == jnp.float64
+    with pytest.raises(ValueError, match="dtype must be a floating dtype of at least"):
+        interpolants.sample_times(key, 8, 0.25, 0.5, jnp.bfloat16)

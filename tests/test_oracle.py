@@ -428,7 +428,15 @@ def test_bad_oracle_shapes_and_counts_raise_naming_the_value():
         ),
         (  # a zero row: B S1 B^T is singular
             lambda: oracle.condition(jnp.eye(2, D).at[1, 1].set(0.0), jnp.ones(2)),
-            r"singular for B of shape \(2, 4\)",
+            r"B S1 B\^T has condition number inf for B of shape \(2, 4\), above "
+            r"8.39e\+03 for float32",
+        ),
+        (  # two rows 1e-3 apart: invertible, but not in float32
+            lambda: oracle.condition(
+                jnp.eye(2, D).at[1, 0].set(1.0).at[1, 1].set(1e-3), jnp.ones(2)
+            ),
+            r"B S1 B\^T has condition number [0-9.]+e\+0[6-7] for B of shape "
+            r"\(2, 4\), above 8.39e\+03 for float32: B must have full row rank",
         ),
         (
             lambda: oracle.sample_pairs(jax.random.key(0), -1),
