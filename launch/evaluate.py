@@ -48,6 +48,7 @@ def main(argv):
     pipeline.check_output_files(
         path, os.path.join(workdir, "samples", f"inpaint_{name}.png")
     )
+    pipeline.warn_if_replacing(path, config)
     metrics = pipeline.evaluate_inpainting(
         config,
         model,

@@ -74,6 +74,7 @@ def main(argv):
     json_path = os.path.join(workdir, f"fid_{name}.json")
     picture = os.path.join(workdir, "samples", f"fid_{name}.png")
     pipeline.check_output_files(json_path, picture)
+    pipeline.warn_if_replacing(json_path, config)
     metrics, (x1, samples, x0) = pipeline.held_out_fid(
         config,
         model,

@@ -65,6 +65,7 @@ def main(argv):
     )
     stem = os.path.join(workdir, "samples", f"samples_{name}")
     pipeline.check_output_files(stem + ".npz", stem + ".png")
+    pipeline.warn_if_replacing(stem + ".npz", config)
     x1, samples, sample, info, seconds = pipeline.sample_test_images(
         config, model, variables, mesh, FLAGS.num_samples, FLAGS.seed
     )

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+import zipfile
 
 import jax
 import ml_collections
@@ -223,16 +224,77 @@ def sampling_record(config, info: samplers.SamplerInfo) -> dict:
     the :class:`~stochinterp.samplers.SamplerInfo`: field calls (velocity and
     score together), score calls, and accepted and rejected steps.
     """
-    settings = samplers.SamplerSettings.from_config(config.sampler)
-    used = settings.fields_read()
     return {
-        "sampler": settings.method,
-        "sampler_settings": {**used, "guidance_scale": config.sampler.guidance_scale},
+        **_settings_record(config),
         "nfe": int(np.max(info.nfe)),
         "nfe_score": int(np.max(info.nfe_score)),
         "accepted_steps": int(np.max(info.accepted_steps)),
         "rejected_steps": int(np.max(info.rejected_steps)),
     }
+
+
+def _settings_record(config) -> dict:
+    """The sampler and the settings it reads, as output files record them."""
+    settings = samplers.SamplerSettings.from_config(config.sampler)
+    used = settings.fields_read()
+    return {
+        "sampler": settings.method,
+        "sampler_settings": {**used, "guidance_scale": config.sampler.guidance_scale},
+    }
+
+
+def _recorded_settings(path: str) -> dict | None:
+    """The sampler settings recorded in an earlier output file, or None.
+
+    JSON files hold it at the top level, ``.npz`` files as JSON text under
+    ``sampling``. An unreadable file gives None: it is replaced anyway.
+    """
+    try:
+        if path.endswith(".npz"):
+            with np.load(path) as arrays:
+                record = json.loads(str(arrays["sampling"]))
+        else:
+            with open(path) as f:
+                record = json.load(f)
+        return record["sampler_settings"]
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        zipfile.BadZipFile,
+    ):
+        return None
+
+
+def warn_if_replacing(path: str, config) -> None:
+    """Warns when ``path`` was written with other sampler settings.
+
+    Output names tell checkpoints, weights, guidance scales, counts, seeds
+    and tags apart, but not the sampler's own settings (steps, tolerances,
+    noise schedule): a run that changes only those replaces the earlier
+    file, and the warning names what changed and the ``--tag`` that keeps
+    both.
+    """
+    if jax.process_index() != 0:
+        return
+    before = _recorded_settings(path)
+    if not isinstance(before, dict):
+        return
+    after = json.loads(json.dumps(_settings_record(config)["sampler_settings"]))
+    changed = [
+        f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key)
+    ]
+    if changed:
+        log.warning(
+            "replacing %s, written with other sampler settings (%s); pass --tag "
+            "to keep both",
+            path,
+            ", ".join(changed),
+        )
 
 
 def sample_test_images(

@@ -326,6 +326,33 @@ def test_output_names_tell_the_settings_apart():
     assert _common.output_name(config, 7, "") == "heun_step7_raw_w0.0"
 
 
+def test_replacing_an_output_of_other_sampler_settings_warns(tmp_path, caplog):
+    config = inpaint_photos16.get_config()  # Euler, 20 steps
+    settings = dict(method="euler", num_steps=20, t_min=0.0, t_max=1.0)
+    record = {"sampler": "euler", "sampler_settings": settings, "nfe": 20}
+    settings.update(guidance_scale=1.0)
+    same = tmp_path / "same.json"
+    same.write_text(json.dumps(record))
+    settings.update(num_steps=40, t_max=0.99)
+    other_json = tmp_path / "other.json"
+    other_json.write_text(json.dumps(record))
+    other_npz = str(tmp_path / "other.npz")
+    np.savez(other_npz, samples=np.zeros(2), sampling=np.asarray(json.dumps(record)))
+    damaged = tmp_path / "damaged.npz"
+    damaged.write_bytes(b"PK\x03\x04 not a zip")
+    with caplog.at_level("WARNING", logger="stochinterp.pipeline"):
+        for path in (same, tmp_path / "absent.json", damaged):
+            pipeline.warn_if_replacing(str(path), config)
+        assert caplog.messages == []
+        pipeline.warn_if_replacing(str(other_json), config)
+        pipeline.warn_if_replacing(other_npz, config)
+    changes = "(num_steps: 40 -> 20, t_max: 0.99 -> 1.0); pass --tag to keep both"
+    assert caplog.messages == [
+        f"replacing {path}, written with other sampler settings {changes}"
+        for path in (other_json, other_npz)
+    ]
+
+
 @pytest.mark.slow
 def test_the_main_job_beats_the_mean_fill_baseline(tmp_path):
     """The README's main job as it runs (200 s of training), then its metrics.
