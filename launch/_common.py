@@ -145,23 +145,82 @@ def _unknown_field(error: Exception, argv: list[str]) -> Exception | None:
     return None
 
 
-def set_cpu_devices() -> None:
+def default_cpu_devices(splits: dict, processes: int = 1) -> int:
+    """One XLA device per core, or fewer: the most that split every count.
+
+    ``splits`` maps the name of a setting to a count that the devices of all
+    ``processes`` must split evenly (a batch, a number of images). Values
+    that are not positive integers are left to the launchers' own checks,
+    which name them; when no count at all splits, one per core.
+    """
+    cores = os.cpu_count() or 1
+    counts = [
+        value
+        for value in splits.values()
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0
+    ]
+    for count in range(cores, 0, -1):
+        if all(value % (count * processes) == 0 for value in counts):
+            return count
+    return cores
+
+
+def per_pass_batch(train_config) -> object:
+    """``train.global_batch`` over ``train.micro_batches`` when that divides.
+
+    The devices must split each micro-batch pass evenly; otherwise the
+    global batch itself, and the training checks name the settings.
+    """
+    batch, passes = train_config.global_batch, train_config.micro_batches
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in (batch, passes)):
+        if passes > 0 and batch % passes == 0:
+            return batch // passes
+    return batch
+
+
+def set_cpu_devices(splits: dict | None = None) -> str | None:
     """Sets the CPU device count in ``XLA_FLAGS`` before jax is imported.
 
     ``--cpu_devices`` wins over a count already in ``XLA_FLAGS``; without the
-    flag an existing count is kept, else there is one device per core.
+    flag an existing count is kept, else ``default_cpu_devices(splits)``.
+    Returns a line to log when that default is below one device per core.
     """
     if "jax" in sys.modules:
         raise RuntimeError("set_cpu_devices must run before jax is imported")
     xla_flags = os.environ.get("XLA_FLAGS", "").split()
     has_count = any(f.startswith(f"--{_COUNT_FLAG}=") for f in xla_flags)
     if FLAGS.cpu_devices is None and has_count:
-        return
-    count = FLAGS.cpu_devices if FLAGS.cpu_devices is not None else os.cpu_count() or 1
+        return None
+    note = None
+    count = FLAGS.cpu_devices
+    if count is None:
+        splits = splits or {}
+        count = default_cpu_devices(splits, _process_count())
+        cores = os.cpu_count() or 1
+        if count < cores:
+            shown = ", ".join(f"{name}={value}" for name, value in splits.items())
+            note = (
+                f"CPU devices: {count} for {cores} cores, the most that split "
+                f"{shown} evenly (--cpu_devices sets the count)"
+            )
     if count < 1:
         raise ValueError(f"--cpu_devices must be >= 1, got {count}")
     kept = [f for f in xla_flags if not f.startswith(f"--{_COUNT_FLAG}=")]
     os.environ["XLA_FLAGS"] = " ".join([*kept, f"--{_COUNT_FLAG}={count}"])
+    return note
+
+
+def _process_count() -> int:
+    """The process count from the flag or the environment; 1 when unreadable.
+
+    The distributed set-up checks and names a bad value later.
+    """
+    if FLAGS.num_processes is not None:
+        return max(FLAGS.num_processes, 1)
+    try:
+        return max(int(os.environ.get("STOCHINTERP_NUM_PROCESSES", "1")), 1)
+    except ValueError:
+        return 1
 
 
 def check_workdir(workdir: str, must_exist: bool) -> str:
@@ -346,11 +405,14 @@ def _watch_cache_warnings(folder: str) -> None:
     warnings.showwarning = showwarning
 
 
-def start(argv: list[str], workdir_must_exist: bool = True) -> str:
+def start(
+    argv: list[str], workdir_must_exist: bool = True, splits: dict | None = None
+) -> str:
     """Arguments, workdir, devices, processes and logging; returns the workdir.
 
     Every launcher defines ``--workdir``; stray positional arguments are an
-    error.
+    error. ``splits``: the counts the devices must split (see
+    ``default_cpu_devices``).
     """
     if len(argv) > 1:
         sys.exit(
@@ -362,12 +424,14 @@ def start(argv: list[str], workdir_must_exist: bool = True) -> str:
 
     restart_with_huge_pages()  # once, before any work: faster CPU steps
     try:
-        set_cpu_devices()
+        note = set_cpu_devices(splits)
     except ValueError as e:
         _exit_with(e)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if note:
+        logging.getLogger("launch").info(note)
     for noisy in ("absl", "jax._src", "orbax", "etils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -22,16 +22,16 @@ from absl import app, flags
 from launch import _common
 
 _common.define_config_flag()
+_common.define_output_flags()
 flags.adopt_module_key_flags(_common)
 flags.DEFINE_string("workdir", None, "workdir of a training run")
-_common.define_output_flags()
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     _common.check_tag(FLAGS.tag)
-    workdir = _common.start(argv)
     config = FLAGS.config
+    workdir = _common.start(argv, splits={"eval.num_images": config.eval.num_images})
 
     import jax
 

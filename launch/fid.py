@@ -24,12 +24,12 @@ from absl import app, flags
 from launch import _common
 
 _common.define_config_flag()
+_common.define_output_flags()
 flags.adopt_module_key_flags(_common)
 flags.DEFINE_string("workdir", None, "workdir of a training run")
 flags.DEFINE_integer("num_samples", 50_000, "images to sample (devices divide it)")
 flags.DEFINE_integer("batch", 256, "images sampled at a time (devices divide it)")
 flags.DEFINE_integer("seed", 0, "seed for the coupling and SDE noise")
-_common.define_output_flags()
 FLAGS = flags.FLAGS
 
 
@@ -51,7 +51,8 @@ def check_flags(config, mesh) -> None:
 
 def main(argv):
     _common.check_tag(FLAGS.tag)
-    workdir = _common.start(argv)
+    splits = {"--num_samples": FLAGS.num_samples, "--batch": FLAGS.batch}
+    workdir = _common.start(argv, splits=splits)
     config = FLAGS.config
 
     import jax

@@ -33,11 +33,11 @@ from absl import app, flags
 from launch import _common
 
 _common.define_config_flag()
+_common.define_output_flags()
 flags.adopt_module_key_flags(_common)
 flags.DEFINE_string("workdir", None, "workdir of a training run")
 flags.DEFINE_integer("num_samples", 16, "number of samples (multiple of the devices)")
 flags.DEFINE_integer("seed", 0, "seed for the coupling and SDE noise")
-_common.define_output_flags()
 FLAGS = flags.FLAGS
 _FID_SETS = ("fid_sample", "fid_upsampled", "fid_mean_fill")
 
@@ -46,7 +46,7 @@ def main(argv):
     if FLAGS.num_samples < 1:
         raise SystemExit(f"error: --num_samples must be >= 1, got {FLAGS.num_samples}")
     _common.check_tag(FLAGS.tag)
-    workdir = _common.start(argv)
+    workdir = _common.start(argv, splits={"--num_samples": FLAGS.num_samples})
     config = FLAGS.config
 
     import json

@@ -2,8 +2,8 @@
 
     python -m launch.train --config configs/inpaint_photos16.py --workdir DIR
 
-Writes ``DIR/checkpoints``, ``DIR/train_log.jsonl``, ``DIR/config.json`` and,
-for in-painting, ``DIR/samples/inpaint.png`` and ``DIR/metrics.json``.
+Writes ``DIR/checkpoints``, ``DIR/train_log.jsonl``, ``DIR/config.json``,
+``DIR/metrics.json`` and, for in-painting, ``DIR/samples/inpaint.png``.
 Running it again on the same workdir resumes from the latest checkpoint.
 """
 
@@ -21,8 +21,11 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    workdir = _common.start(argv, workdir_must_exist=False)
     config = FLAGS.config
+    splits = {"train.global_batch": _common.per_pass_batch(config.train)}
+    if FLAGS.evaluate:
+        splits["eval.num_images"] = config.eval.num_images
+    workdir = _common.start(argv, workdir_must_exist=False, splits=splits)
 
     from stochinterp import pipeline
 

@@ -47,11 +47,12 @@ def test_image_size_not_divisible_by_tile_grid(tmp_path):
     assert not (tmp_path / "wd").exists()  # and before creating the workdir
 
 
-@pytest.mark.parametrize("launcher", ["train", "sample", "evaluate"])
+@pytest.mark.parametrize("launcher", ["train", "sample", "evaluate", "fid"])
 def test_help_lists_the_shared_flags(tmp_path, launcher):
     result = run_train("--help", tmp_path=tmp_path, launcher=launcher)
-    for flag in ("--workdir", "--config", "--cpu_devices", "--num_processes"):
-        assert flag in result.stdout, (launcher, flag)
+    shared = ["--workdir", "--config", "--cpu_devices", "--num_processes"]
+    for flag in shared + ([] if launcher == "train" else ["--tag"]):
+        assert f"  {flag}" in result.stdout, (launcher, flag)
 
 
 def test_a_file_that_is_not_a_config_is_one_line(tmp_path):

@@ -410,6 +410,66 @@ def test_launcher_cpu_devices_default_to_one_per_core_and_the_flag_wins():
     ]
 
 
+def test_launcher_cpu_devices_default_to_the_most_that_split_the_batches():
+    code = (
+        "import os, sys; from launch import _common; os.cpu_count = lambda: 6; "
+        "_common.FLAGS(sys.argv); "
+        "print(_common.set_cpu_devices({'train.global_batch': 64, 'n': 48})); "
+        "print(os.environ['XLA_FLAGS'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.pop("STOCHINTERP_NUM_PROCESSES", None)
+
+    def run(*args):
+        done = subprocess.run(
+            [sys.executable, "-c", code, *args],
+            env=env,
+            cwd=helpers.REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return done.stdout.strip().splitlines()
+
+    assert run() == [
+        "CPU devices: 4 for 6 cores, the most that split train.global_batch=64, "
+        "n=48 evenly (--cpu_devices sets the count)",
+        "--xla_force_host_platform_device_count=4",
+    ]
+    # Two processes: their 2 x 4 devices split both counts.
+    assert run("--num_processes=2")[1] == "--xla_force_host_platform_device_count=4"
+    assert run("--num_processes=3")[1] == "--xla_force_host_platform_device_count=6"
+    assert run("--cpu_devices=6") == [
+        "None",
+        "--xla_force_host_platform_device_count=6",
+    ]
+
+
+@pytest.mark.parametrize(
+    "cores,splits,expected",
+    [
+        (6, {"a": 64}, 4),
+        (6, {"a": 60, "b": 90}, 6),
+        (8, {"a": 63}, 7),
+        (2, {"a": 63}, 1),
+        (4, {"a": "64", "b": True, "c": 0, "d": None}, 4),  # left to the checks
+        (3, {}, 3),
+    ],
+)
+def test_default_cpu_devices_counts(monkeypatch, cores, splits, expected):
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert _common.default_cpu_devices(splits) == expected
+    # No count splits 64 over 3 processes: one per core, left to the checks.
+    assert _common.default_cpu_devices({"a": 64}, processes=3) == cores
+
+
+def test_default_cpu_devices_split_over_all_processes(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert _common.default_cpu_devices({"a": 64}, processes=2) == 4  # 8 devices
+    assert _common.default_cpu_devices({"a": 48}, processes=2) == 6  # 12 devices
+    assert _common.default_cpu_devices({"a": 40}, processes=4) == 5  # 20 devices
+
+
 def test_distributed_start_needs_a_coordinator_and_a_valid_id(monkeypatch):
     monkeypatch.setenv("STOCHINTERP_NUM_PROCESSES", "2")
     with pytest.raises(ValueError, match="coordinator address"):

@@ -6,7 +6,9 @@ Layout, from input to output (NHWC throughout):
   mode, a constant channel holding the class index) concatenated on channels;
 - time features (learned sinusoidal ``[t, sin, cos]`` or fixed sinusoidal)
   -> Dense -> GELU -> Dense to ``4 dim``; with classes, an embedding of width
-  ``dim`` -> Dense -> GELU -> Dense to ``4 dim`` is concatenated to it;
+  ``dim`` -> Dense -> GELU -> Dense to ``4 dim`` is concatenated to it
+  (each block's linear map of ``[time; class]`` thereby adds a learned class
+  term to its time term);
 - 7x7 stem conv to ``dim``;
 - per encoder level: 2 ResNet blocks, residual linear attention, then a 4x4
   stride-2 conv (a 3x3 conv at the last level) to the next width;
