@@ -22,16 +22,18 @@ def _images(shape=(6, 16, 16, 3), seed=0):
     return jax.random.uniform(jax.random.key(seed), shape, minval=-1.0, maxval=1.0)
 
 
-def test_tile_mask_is_constant_on_equal_tiles():
-    grid, size = 4, 16
-    mask = np.asarray(couplings.tile_mask(jax.random.key(0), (50, size, size, 3), grid))
-    assert mask.shape == (50, size, size, 1)
+@pytest.mark.parametrize("height,width", [(16, 16), (8, 16), (24, 8)])
+def test_tile_mask_is_constant_on_equal_tiles(height, width):
+    grid = 4
+    shape = (50, height, width, 3)
+    mask = np.asarray(couplings.tile_mask(jax.random.key(0), shape, grid))
+    assert mask.shape == (50, height, width, 1)
     assert set(np.unique(mask)) == {0.0, 1.0}
-    tile = size // grid
-    tiles = mask[..., 0].reshape(50, grid, tile, grid, tile)
-    # Constant inside each tile of side H / grid ...
+    tile_h, tile_w = height // grid, width // grid
+    tiles = mask[..., 0].reshape(50, grid, tile_h, grid, tile_w)
+    # Constant inside each tile of H / grid x W / grid pixels ...
     np.testing.assert_array_equal(
-        tiles, tiles[:, :, :1, :, :1].repeat(tile, 2).repeat(tile, 4)
+        tiles, tiles[:, :, :1, :, :1].repeat(tile_h, 2).repeat(tile_w, 4)
     )
     # ... and free between tiles: neighbouring tiles differ somewhere.
     per_tile = tiles[:, :, 0, :, 0]

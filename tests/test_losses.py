@@ -10,7 +10,9 @@ from stochinterp.couplings import (
     IndependentCoupling,
     InpaintingCoupling,
     SuperResolutionCoupling,
+    box_downsample,
     cond_channels,
+    nearest_upsample,
 )
 
 
@@ -225,3 +227,46 @@ def test_times_and_loss_keep_float32_under_x64():
     assert loss64.dtype == terms64.t.dtype == times64.dtype == jnp.float64
     with pytest.raises(ValueError, match="dtype must be a floating dtype of at least"):
         interpolants.sample_times(key, 8, 0.25, 0.5, jnp.bfloat16)
+
+
+def test_an_exact_velocity_gives_zero_mse_and_the_known_loss():
+    # Super-resolution without noise on the linear path: x0 = U D x1 is the
+    # conditioning, so (x_t - cond) / t = x1 - x0 = dx_t exactly.
+    def exact(params, x_t, t, cond=None, labels=None):
+        return (x_t - cond) / t[:, None, None, None]
+
+    coupling = SuperResolutionCoupling(factor=2, sigma=0.0)
+    path = interpolants.linear()
+    x1 = _images()
+    loss_fn = losses.make_loss_fn(exact, path, coupling, 0.2, 0.7)
+    total, terms = loss_fn({}, jax.random.key(3), x1)
+    step = x1 - nearest_upsample(box_downsample(x1, 2), 2)
+    energy = jnp.sum(step**2, axis=(1, 2, 3))
+    np.testing.assert_allclose(terms.velocity_mse, 0.0, atol=1e-4)
+    np.testing.assert_allclose(terms.velocity, -energy, rtol=1e-5)
+    np.testing.assert_allclose(total, -jnp.mean(energy), rtol=1e-5)
+    assert float(jnp.min(energy)) > 1.0  # the target is not zero
+    # The times are drawn from [t_min, t_max) and reach the network as given.
+    t = np.asarray(terms.t)
+    assert t.shape == (64,) and 0.2 <= t.min() and t.max() < 0.7
+    assert abs(t.mean() - 0.45) < 4 * 0.5 / np.sqrt(12 * 64)
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0])
+def test_denoiser_target_is_the_noise_on_hidden_pixels_only(p):
+    def constant_denoiser(params, x_t, t, cond=None, labels=None):
+        return jnp.concatenate([jnp.zeros_like(x_t), jnp.ones_like(x_t)], -1)
+
+    coupling = InpaintingCoupling(grid=4, p=p)  # p = 0: all known; 1: all hidden
+    path = interpolants.linear(gamma="sqrt")
+    loss_fn = losses.make_loss_fn(
+        constant_denoiser, path, coupling, 0.01, 0.99, denoiser=True
+    )
+    _, terms = loss_fn({}, jax.random.key(4), _images())
+    # |g|^2 - 2 g . z_target with g = 1 on 8 x 8 x 3 values: 192 - 2 sum(z).
+    sums = (192.0 - np.asarray(terms.denoiser)) / 2
+    if p == 0.0:
+        np.testing.assert_array_equal(sums, 0.0)
+    else:  # sum of 192 standard normals per example: variance 192
+        assert np.all(np.abs(sums) > 0)
+        assert 192 * 0.4 < np.var(sums) < 192 * 1.8

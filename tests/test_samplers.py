@@ -240,9 +240,21 @@ def test_fixed_step_calls_counted_exactly(method, num_steps):
     assert int(info.nfe_score) == (num_steps if method == "euler_maruyama" else 0)
     assert int(info.accepted_steps) == num_steps and int(info.rejected_steps) == 0
     # The grid t_i = t_min + i (t_max - t_min) / N; t_max is never evaluated.
-    times, _ = samplers.time_grid(settings)
-    assert set(np.float32(log)) == set(times[:-1])
+    t_min, t_max = settings.t_min, settings.t_max
+    grid = t_min + np.arange(num_steps) * (t_max - t_min) / num_steps
+    np.testing.assert_allclose(sorted(set(np.float32(log))), grid, rtol=0, atol=1e-6)
     assert float(info.t_final) == np.float32(settings.t_max)
+
+
+def test_euler_grid_by_hand():
+    settings = Settings("euler", num_steps=4, t_min=0.1, t_max=0.9)
+    (_, info), log = _run_counted(
+        lambda log: samplers.make_sampler(_counting(_toy_velocity, log), settings)(
+            jnp.ones((2, 3)), {}
+        )
+    )
+    np.testing.assert_allclose(log, [0.1, 0.3, 0.5, 0.7], rtol=0, atol=1e-7)
+    assert float(info.t_final) == np.float32(0.9)
 
 
 def test_euler_maruyama_counts_velocity_and_score_separately():

@@ -745,3 +745,43 @@ def test_seeds_are_the_32_bits_a_random_key_keeps():
         jax.random.key_data(jax.random.key(2**32)),
         jax.random.key_data(jax.random.key(0)),
     )
+
+
+def _optim_config(**changes):
+    from configs import base
+
+    config = base.get_config().optim
+    config.update(changes)
+    return config
+
+
+def test_learning_rate_decays_in_stairs():
+    # A constant gradient makes every Adam step -lr(step) (up to eps).
+    optimizer = ts.make_optimizer(_optim_config())  # 2e-4, x 0.99 per 1000 steps
+    params = jnp.zeros(1)
+
+    def step(state, _):
+        updates, state = optimizer.update(jnp.ones(1), state, params)
+        return state, updates[0]
+
+    _, updates = jax.lax.scan(step, optimizer.init(params), length=2001)
+    np.testing.assert_allclose(
+        updates[np.array([0, 999, 1000, 1500, 1999, 2000])],
+        -2e-4 * np.array([1, 1, 0.99, 0.99, 0.99, 0.99**2]),
+        rtol=2e-5,  # float32 bias correction; a smooth decay is off by 5e-3
+    )
+
+
+def test_gradients_are_clipped_to_the_global_norm_before_adam():
+    # b1 = 0: Adam's step is -lr g_t / sqrt(v_t / (1 - b2^t)). A first gradient
+    # of 1e6 clipped to 1e4, then 1e4: v_2 / (1 - b2^2) = 1e8 and the second
+    # step is -lr exactly (without clipping it would be -0.0173 lr).
+    optimizer = ts.make_optimizer(_optim_config(b1=0.0, b2=0.5, grad_clip=1e4))
+    params = jnp.zeros(2)
+    state = optimizer.init(params)
+    steps = []
+    for g in (jnp.array([6e5, 8e5]), jnp.array([6e3, 8e3])):  # norms 1e6, 1e4
+        updates, state = optimizer.update(g, state, params)
+        steps.append(np.asarray(updates))
+    np.testing.assert_allclose(steps[0], [-2e-4, -2e-4], rtol=1e-6)
+    np.testing.assert_allclose(steps[1], [-2e-4, -2e-4], rtol=1e-5)
