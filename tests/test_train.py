@@ -380,13 +380,16 @@ def test_an_unwritable_workdir_is_refused_before_data_or_model(tmp_path, monkeyp
     assert not (tmp_path / "missing").exists()  # checking creates nothing
 
 
-def _xla_flags_after_start(args, xla_flags):
+def _start_output(args, xla_flags=None, cores=None, splits=None):
+    """What ``set_cpu_devices`` returns, then XLA_FLAGS, in a fresh process."""
+    pretend = f"os.cpu_count = lambda: {cores}; " if cores else ""
     code = (
-        "import os, sys; from launch import _common; "
-        "_common.FLAGS(sys.argv); _common.set_cpu_devices(); "
+        f"import os, sys; from launch import _common; {pretend}"
+        f"_common.FLAGS(sys.argv); print(_common.set_cpu_devices({splits!r})); "
         "print(os.environ['XLA_FLAGS'])"
     )
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.pop("STOCHINTERP_NUM_PROCESSES", None)
     if xla_flags is not None:
         env["XLA_FLAGS"] = xla_flags
     done = subprocess.run(
@@ -397,51 +400,37 @@ def _xla_flags_after_start(args, xla_flags):
         text=True,
         check=True,
     )
-    return done.stdout.split()
+    return done.stdout.strip().splitlines()
 
 
 def test_launcher_cpu_devices_default_to_one_per_core_and_the_flag_wins():
     count = "--xla_force_host_platform_device_count"
-    assert _xla_flags_after_start([], None) == [f"{count}={os.cpu_count()}"]
-    assert _xla_flags_after_start([], f"{count}=5") == [f"{count}=5"]
-    assert _xla_flags_after_start(["--cpu_devices=3"], f"--foo {count}=5") == [
-        "--foo",
-        f"{count}=3",
+    assert _start_output([]) == ["None", f"{count}={os.cpu_count()}"]
+    assert _start_output([], f"{count}=5") == ["None", f"{count}=5"]
+    assert _start_output(["--cpu_devices=3"], f"--foo {count}=5") == [
+        "None",
+        f"--foo {count}=3",
     ]
 
 
 def test_launcher_cpu_devices_default_to_the_most_that_split_the_batches():
-    code = (
-        "import os, sys; from launch import _common; os.cpu_count = lambda: 6; "
-        "_common.FLAGS(sys.argv); "
-        "print(_common.set_cpu_devices({'train.global_batch': 64, 'n': 48})); "
-        "print(os.environ['XLA_FLAGS'])"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.pop("STOCHINTERP_NUM_PROCESSES", None)
-
-    def run(*args):
-        done = subprocess.run(
-            [sys.executable, "-c", code, *args],
-            env=env,
-            cwd=helpers.REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return done.stdout.strip().splitlines()
-
-    assert run() == [
+    count = "--xla_force_host_platform_device_count"
+    splits = {"train.global_batch": 64, "n": 48}
+    assert _start_output([], cores=6, splits=splits) == [
         "CPU devices: 4 for 6 cores, the most that split train.global_batch=64, "
         "n=48 evenly (--cpu_devices sets the count)",
-        "--xla_force_host_platform_device_count=4",
+        f"{count}=4",
     ]
     # Two processes: their 2 x 4 devices split both counts.
-    assert run("--num_processes=2")[1] == "--xla_force_host_platform_device_count=4"
-    assert run("--num_processes=3")[1] == "--xla_force_host_platform_device_count=6"
-    assert run("--cpu_devices=6") == [
+    assert _start_output(["--num_processes=2"], cores=6, splits=splits)[1] == (
+        f"{count}=4"
+    )
+    assert _start_output(["--num_processes=3"], cores=6, splits=splits)[1] == (
+        f"{count}=6"
+    )
+    assert _start_output(["--cpu_devices=6"], cores=6, splits=splits) == [
         "None",
-        "--xla_force_host_platform_device_count=6",
+        f"{count}=6",
     ]
 
 
