@@ -680,3 +680,103 @@ def test_linear_attention_float16_stays_finite_on_a_flat_image():
     got = layers.LinearAttention(dtype=jnp.float16).apply(params, x)
     assert bool(jnp.isfinite(got).all())
     np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2)
+
+
+def test_learned_sinusoidal_features_equal_t_sin_cos_of_two_pi_w_t():
+    """Output ``[t, sin(2 pi w t), cos(2 pi w t)]`` with hand-set frequencies;
+    at w t = 1/4 the sine is 1 and the cosine 0 (pi instead of 2 pi fails)."""
+    w = np.array([0.25, 1.0], np.float32)
+    t = np.array([0.0, 1.0, 0.125, -0.7, 2.5], np.float32)
+    module = layers.LearnedSinusoidalFeatures(dim=4)
+    params = module.init(jax.random.key(0), jnp.asarray(t))["params"]
+    assert jax.tree.map(jnp.shape, params) == {"weights": (2,)}
+
+    got = np.asarray(module.apply({"params": {"weights": jnp.asarray(w)}}, t))
+    angle = 2 * np.pi * np.asarray(t, np.float64)[:, None] * np.asarray(w, np.float64)
+    expected = np.concatenate(
+        [np.asarray(t, np.float64)[:, None], np.sin(angle), np.cos(angle)], axis=-1
+    )
+    assert got.shape == (5, 5) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
+    # t = 1 with w = 1/4: a quarter turn.
+    np.testing.assert_allclose(got[1], [1.0, 1.0, 0.0, 0.0, 1.0], rtol=0, atol=1e-6)
+
+
+def _full_attention_reference(x, p, heads, d, scale):
+    """Pre-RMSNorm, q/k/v, per head softmax(q k^T * scale) v, to_out, residual."""
+    b, hh, ww, c = x.shape
+    xs = np.asarray(x, np.float64).reshape(b, hh * ww, c)
+    y = _rms_norm(xs, p["norm"]["g"])
+    qkv = y @ p["to_qkv"]["conv"]["kernel"][0, 0]  # [b, n, 3 * heads * d]
+    hidden = heads * d
+    out = np.zeros((b, hh * ww, hidden))
+    for h in range(heads):
+        cut = slice(h * d, (h + 1) * d)
+        q = qkv[..., :hidden][..., cut]
+        k = qkv[..., hidden : 2 * hidden][..., cut]
+        v = qkv[..., 2 * hidden :][..., cut]
+        weights = _softmax(np.einsum("bid,bjd->bij", q, k) * scale, axis=-1)
+        out[..., cut] = np.einsum("bij,bjd->bid", weights, v)
+    out = out @ p["to_out"]["conv"]["kernel"][0, 0] + p["to_out"]["conv"]["bias"]
+    return (out + xs).reshape(b, hh, ww, c)
+
+
+def test_full_attention_equals_the_reference_formula_per_head():
+    """Per head out = softmax(q k^T / sqrt(d)) v from the normalised input,
+    then the 1x1 output conv and the residual; a scale of 1/d fails it."""
+    heads, d = 3, 8
+    x = jax.random.normal(jax.random.key(0), (2, 4, 5, 7))
+    module = layers.Attention(heads=heads, dim_head=d)
+    params = module.init(jax.random.key(1), x)["params"]
+    assert jax.tree.map(jnp.shape, params) == {
+        "norm": {"g": (7,)},
+        "to_qkv": {"conv": {"kernel": (1, 1, 7, 3 * heads * d)}},
+        "to_out": {"conv": {"kernel": (1, 1, heads * d, 7), "bias": (7,)}},
+    }
+    # Non-trivial norm gains and output bias, so that every parameter shows.
+    params = jax.tree.map(
+        lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), params
+    )
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+
+    got = np.asarray(module.apply({"params": params}, x))
+    expected = _full_attention_reference(x, p, heads, d, d**-0.5)
+    assert got.shape == x.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+    wrong_scale = _full_attention_reference(x, p, heads, d, 1.0 / d)
+    assert np.abs(wrong_scale - expected).max() > 1e-2
+
+
+def test_unet_resnet_blocks_use_the_default_eight_groups():
+    """resnet_block_groups defaults to 8, every conv block of the U-Net gets
+    it, and the first block's output is its conv normalised over 8 groups of
+    2 of its 16 channels (4 groups give another output)."""
+    model = UNet(**TINY)
+    assert model.resnet_block_groups == 8
+    x, t = _inputs()
+    variables = model.init(jax.random.key(0), x, t)
+
+    calls = []
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if isinstance(context.module, layers.ConvBlock):
+            assert context.method_name == "__call__"
+            calls.append((context.module.scope.path, context.module.groups, args, out))
+        return out
+
+    with nn.intercept_methods(record):
+        model.apply(variables, x, t)
+    # 11 ResNet blocks (4 down, 2 middle, 4 up, 1 final) of 2 conv blocks.
+    assert len(calls) == 22
+    assert {groups for _, groups, _, _ in calls} == {8}
+
+    path, _, (block_x, scale_shift), out = calls[0]
+    assert path == ("down0_block1", "block1")
+    assert block_x.shape == (2, 16, 16, 16)
+    params = variables["params"]["down0_block1"]["block1"]
+    expected = _conv_block_reference(block_x, params, 8, scale_shift)
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-4)
+    four_groups = _conv_block_reference(block_x, params, 4, scale_shift)
+    assert np.abs(four_groups - expected).max() > 1e-2
