@@ -303,16 +303,19 @@ def output_name(
     """The part of the output file names that tells runs apart.
 
     ``<method>_step<N>``, then ``_raw`` for the raw (not EMA) weights,
-    ``_w<scale>`` for a guidance scale other than 1, ``_n<count>`` and
+    ``_w<scale>`` for a guidance scale other than 1, ``_train`` for images
+    of the training split (``data.eval_split='train'``), ``_n<count>`` and
     ``_seed<k>`` when given, and ``_<tag>``: sampling another checkpoint,
-    weights, guidance scale, number of images or seed writes new files
-    instead of replacing the earlier ones.
+    weights, guidance scale, split, number of images or seed writes new
+    files instead of replacing the earlier ones.
     """
     parts = [config.sampler.method, f"step{step}"]
     if not config.eval.use_ema:
         parts.append("raw")
     if config.sampler.guidance_scale != 1:  # written in full: 1.0000001 != 1
         parts.append(f"w{float(config.sampler.guidance_scale) + 0.0!r}")  # -0.0: 0.0
+    if config.data.eval_split == "train":
+        parts.append("train")
     if count is not None:
         parts.append(f"n{count}")
     if seed is not None:

@@ -103,12 +103,18 @@ def check_held_out_size(config, num_images: int) -> None:
     Builds the dataset if needed (training would build it first anyway).
     """
     info = data_lib.dataset_info(config.data)
-    split = config.data.eval_split or info.eval_split
+    split = data_lib.sampled_split(config.data)
     available = info.split_sizes.get(split, 0)
     if num_images > available:
+        hint = ""
+        if available == 0 and split != "train":
+            hint = (
+                " (its source gave no images for it; data.eval_split='train' "
+                "samples training images instead)"
+            )
         raise ValueError(
             f"{num_images} images to sample (eval.num_images or --num_samples), "
-            f"but split {split!r} of {info.name} holds {available}"
+            f"but split {split!r} of {info.name} holds {available}{hint}"
         )
 
 
@@ -240,6 +246,7 @@ def _settings_record(config) -> dict:
     return {
         "sampler": settings.method,
         "sampler_settings": {**used, "guidance_scale": config.sampler.guidance_scale},
+        "split": data_lib.sampled_split(config.data),
     }
 
 
@@ -434,6 +441,7 @@ def held_out_fid(
         batch=batch,
         sampler=record["sampler"],
         sampler_settings=record["sampler_settings"],
+        split=record["split"],
         nfe_per_batch=nfe,
         seconds=time.time() - began,
     )

@@ -197,6 +197,33 @@ def test_more_images_than_the_held_out_split_is_an_input_error(main_job):
             raise
 
 
+def test_an_empty_held_out_split_points_to_the_training_split(monkeypatch):
+    from configs import imagenet256_inpaint
+
+    config = imagenet256_inpaint.get_config()  # imagenet_folder, 'validation'
+    empty = pipeline.data_lib.DataInfo(
+        "imagenet_folder",
+        256,
+        3,
+        1000,
+        {"train": 12, "validation": 0},
+        "validation",
+        (),
+    )
+    monkeypatch.setattr(pipeline.data_lib, "dataset_info", lambda data: empty)
+    with pytest.raises(ValueError) as raised:
+        pipeline.check_held_out_size(config, 4)
+    assert str(raised.value) == (
+        "4 images to sample (eval.num_images or --num_samples), but split "
+        "'validation' of imagenet_folder holds 0 (its source gave no images for "
+        "it; data.eval_split='train' samples training images instead)"
+    )
+    config.data.eval_split = "train"
+    pipeline.check_held_out_size(config, 4)
+    with pytest.raises(ValueError, match=r"split 'train' of imagenet_folder holds 12$"):
+        pipeline.check_held_out_size(config, 13)
+
+
 def test_a_second_run_on_a_busy_workdir_is_refused(main_job, tmp_path):
     import fcntl
 
@@ -270,6 +297,7 @@ def test_sampling_outputs_of_other_settings_are_kept_apart(main_job):
         "guidance_scale": 1.0,
     }
     assert (metrics["accepted_steps"], metrics["rejected_steps"]) == (3, 0)
+    assert metrics["split"] == "test"  # the held-out split of photo_patches
     assert os.path.exists(
         os.path.join(workdir, "samples", "inpaint_heun_step4_raw_n8_seed1234.png")
     )
@@ -323,6 +351,12 @@ def test_output_names_tell_the_settings_apart():
     config.sampler.guidance_scale = 1.0000001  # not rounded to "w1"
     assert _common.output_name(config, 7, "") == "heun_step7_raw_w1.0000001"
     config.sampler.guidance_scale = -0.0  # the same setting as 0
+    assert _common.output_name(config, 7, "") == "heun_step7_raw_w0.0"
+    config.data.eval_split = "train"  # other images
+    assert (
+        _common.output_name(config, 7, "", 0, 4) == "heun_step7_raw_w0.0_train_n4_seed0"
+    )
+    config.data.eval_split = "test"  # the held-out split, named: the same images
     assert _common.output_name(config, 7, "") == "heun_step7_raw_w0.0"
 
 
@@ -508,6 +542,7 @@ def test_held_out_fid_accumulates_the_batches_of_a_key_per_batch(
     now = evaluate._kept_program.cache_info()
     assert now.misses - programs.misses <= 1 and now.hits - programs.hits >= 1
     assert metrics["nfe_per_batch"] == [5, 5] and metrics["fid_images"] == 8
+    assert metrics["split"] == "test"
 
     # The same draws one batch at a time, then FID of the whole at once.
     key = jax.random.key(3)

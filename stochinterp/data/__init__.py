@@ -18,6 +18,7 @@ from stochinterp.data.datasets import (
     dataset_info,
     eval_examples,
     make_loader_from_config,
+    sampled_split,
     validate,
 )
 from stochinterp.data.loader import global_batches, make_loader
@@ -35,5 +36,6 @@ __all__ = [
     "make_loader",
     "make_loader_from_config",
     "resolve_data_dir",
+    "sampled_split",
     "validate",
 ]

@@ -186,6 +186,15 @@ def data_source(data_config: Any, split: str) -> tuple[Sequence[Any], loader.Dec
     return built.as_data_source(split=split), loader.decode_record
 
 
+def sampled_split(data_config: Any) -> str:
+    """The split that evaluation and sampling read: ``data.eval_split``, or
+    the dataset's held-out split when that is empty."""
+    return (
+        _field(data_config, "eval_split", "")
+        or _EVAL_SPLIT[_field(data_config, "name")]
+    )
+
+
 def dataset_info(data_config: Any) -> DataInfo:
     """Image size, channels, classes and split sizes (builds if needed)."""
     built = builder(data_config)
