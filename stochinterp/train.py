@@ -598,19 +598,23 @@ class _Loop:
             self.logger.add(metrics)
 
             save_now = step % tc.checkpoint_every == 0 or step == tc.num_steps
-            log_now = step % tc.log_every == 0
-            stop = step < tc.num_steps and self.stop_rule.should_stop(
-                save_now or log_now
-            )
-            if log_now or save_now or stop:
-                self.logger.flush(step)
-                _raise_if_bad(state, self.manager)
+            boundary = save_now or step % tc.log_every == 0
+            if boundary:  # waits for the step: a signal meanwhile stops here
+                self._flush(step, state)
+            stop = step < tc.num_steps and self.stop_rule.should_stop(boundary)
+            if stop and not boundary:
+                self._flush(step, state)
             if save_now or stop:
                 data_state = self.loader.get_state()
                 checkpointing.save(self.manager, step, state, data_state)
             if stop:
                 break
         return state, step
+
+    def _flush(self, step: int, state: ts.TrainState) -> None:
+        """Logs the pending steps; raises if one of them went non-finite."""
+        self.logger.flush(step)
+        _raise_if_bad(state, self.manager)
 
 
 def _next_multiple(step: int, every: int) -> int:

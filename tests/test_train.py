@@ -774,3 +774,24 @@ def test_gradients_are_clipped_to_the_global_norm_before_adam():
         steps.append(np.asarray(updates))
     np.testing.assert_allclose(steps[0], [-2e-4, -2e-4], rtol=1e-6)
     np.testing.assert_allclose(steps[1], [-2e-4, -2e-4], rtol=1e-5)
+
+
+def test_a_signal_while_a_logged_step_runs_stops_after_that_step(tmp_path, monkeypatch):
+    # The signal comes while the loop waits for step 3 to log: the run saves
+    # step 3 and stops, without starting step 4.
+    flush = train._Logger.flush
+
+    def flush_then_signal(self, step):
+        record = flush(self, step)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return record
+
+    monkeypatch.setattr(train._Logger, "flush", flush_then_signal)
+    overrides = {"train.num_steps": 6, "train.log_every": 1}
+    config = tiny_config(tmp_path, **overrides, **{"train.checkpoint_every": 100})
+    workdir = tmp_path / "wd"
+    result = train.train(config, str(workdir), sharding.make_mesh())
+    assert result.preempted and int(result.state.step) == 3
+    assert len(result.history["loss"]) == 3
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]
