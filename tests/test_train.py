@@ -31,6 +31,12 @@ def tiny_config(tmp_path, **overrides):
     return helpers.worker.make_config(str(tmp_path / "data"), overrides)
 
 
+@pytest.fixture(scope="module")
+def built_data(request):
+    """The data folder the training workers share (built once per session)."""
+    return os.path.join(helpers.shared_root(request), "data")
+
+
 def toy_loss(params, key, x1, labels=None):
     """Per-example |w - x1|^2 with a time per example: a loss with terms."""
     per_example = jnp.sum(jnp.square(params["w"] - x1), axis=1)
@@ -696,7 +702,9 @@ def test_an_ignored_ctrl_c_stays_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
-def test_a_ctrl_c_while_the_state_is_built_just_stops(tmp_path, monkeypatch):
+def test_a_ctrl_c_while_the_state_is_built_just_stops(
+    tmp_path, monkeypatch, built_data
+):
     build = train.init_state
 
     def interrupted(*args, **kwargs):
@@ -708,8 +716,9 @@ def test_a_ctrl_c_while_the_state_is_built_just_stops(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "make_step_fn", _forbid)
     before = signal.getsignal(signal.SIGINT)
     workdir = tmp_path / "wd"
+    config = helpers.worker.make_config(built_data)
     with pytest.raises(KeyboardInterrupt):
-        train.train(tiny_config(tmp_path), str(workdir), sharding.make_mesh())
+        train.train(config, str(workdir), sharding.make_mesh())
     assert os.listdir(workdir / "checkpoints") == []
     assert signal.getsignal(signal.SIGINT) is before
 
@@ -776,7 +785,9 @@ def test_gradients_are_clipped_to_the_global_norm_before_adam():
     np.testing.assert_allclose(steps[1], [-2e-4, -2e-4], rtol=1e-5)
 
 
-def test_a_signal_while_a_logged_step_runs_stops_after_that_step(tmp_path, monkeypatch):
+def test_a_signal_while_a_logged_step_runs_stops_after_that_step(
+    tmp_path, monkeypatch, built_data
+):
     # The signal comes while the loop waits for step 3 to log: the run saves
     # step 3 and stops, without starting step 4.
     flush = train._Logger.flush
@@ -787,9 +798,21 @@ def test_a_signal_while_a_logged_step_runs_stops_after_that_step(tmp_path, monke
             os.kill(os.getpid(), signal.SIGTERM)
         return record
 
+    def counting_step_fn(config, loss_fn, optimizer, mesh):  # no compile
+        bins = config.train.loss_time_bins
+
+        def step(state, batch):
+            metrics = {"loss": 1.0, "mse": 1.0, "grad_norm": 0.0}
+            metrics.update(mse_bin_sums=np.zeros(bins), mse_bin_counts=np.ones(bins))
+            return state.replace(step=state.step + 1), metrics
+
+        return step
+
     monkeypatch.setattr(train._Logger, "flush", flush_then_signal)
+    monkeypatch.setattr(train, "make_step_fn", counting_step_fn)
     overrides = {"train.num_steps": 6, "train.log_every": 1}
-    config = tiny_config(tmp_path, **overrides, **{"train.checkpoint_every": 100})
+    overrides["train.checkpoint_every"] = 100
+    config = helpers.worker.make_config(built_data, overrides)
     workdir = tmp_path / "wd"
     result = train.train(config, str(workdir), sharding.make_mesh())
     assert result.preempted and int(result.state.step) == 3
