@@ -226,7 +226,7 @@ def sampling_record(config, info: samplers.SamplerInfo) -> dict:
 
     The settings the chosen sampler reads (``SamplerSettings.fields_read``:
     no ``num_steps`` for Dopri5, no tolerances for the fixed-step methods),
-    the guidance scale, and the counts of
+    the guidance scale, the data split sampled, and the counts of
     the :class:`~stochinterp.samplers.SamplerInfo`: field calls (velocity and
     score together), score calls, and accepted and rejected steps.
     """
@@ -240,7 +240,8 @@ def sampling_record(config, info: samplers.SamplerInfo) -> dict:
 
 
 def _settings_record(config) -> dict:
-    """The sampler and the settings it reads, as output files record them."""
+    """The sampler, the settings it reads and the split sampled, as output
+    files record them."""
     settings = samplers.SamplerSettings.from_config(config.sampler)
     used = settings.fields_read()
     return {
@@ -278,8 +279,8 @@ def _recorded_settings(path: str) -> dict | None:
 def warn_if_replacing(path: str, config) -> None:
     """Warns when ``path`` was written with other sampler settings.
 
-    Output names tell checkpoints, weights, guidance scales, counts, seeds
-    and tags apart, but not the sampler's own settings (steps, tolerances,
+    Output names tell checkpoints, weights, guidance scales, splits, counts,
+    seeds and tags apart, but not the sampler's own settings (steps, tolerances,
     noise schedule): a run that changes only those replaces the earlier
     file, and the warning names what changed and the ``--tag`` that keeps
     both.
