@@ -166,6 +166,27 @@ def test_second_call_reuses_the_build(tiny):
     assert before == after
 
 
+def test_an_empty_source_dir_reads_the_build_and_says_which_once(tiny, caplog):
+    root, config, _, records = tiny
+    reuse = config.copy_and_resolve_references()
+    reuse.source_dir = ""
+    with caplog.at_level("INFO", logger="absl"):
+        for _ in range(2):
+            built = data.builder(reuse)
+    lines = [
+        r.getMessage()
+        for r in caplog.records
+        if "source_dir is empty" in r.getMessage()
+    ]
+    assert lines == [
+        f"data.source_dir is empty: reading the dataset built in {built.data_dir} "
+        f"from {os.path.abspath(root)}"
+    ]
+    assert len(built.as_data_source(split="train")) == sum(
+        split == "train" for split, _ in records
+    )
+
+
 def test_built_from_another_source_is_refused(tiny, tmp_path):
     _, config, _, _ = tiny
     other = config.copy_and_resolve_references()

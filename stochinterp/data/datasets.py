@@ -30,6 +30,7 @@ from typing import Any
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from stochinterp.data import (
     digits,
@@ -153,7 +154,25 @@ def builder(data_config: Any) -> tfds.core.DatasetBuilder:
         make = functools.partial(
             imagenet.imagenet_folder_builder, size, data_dir, source_dir
         )
-    return prepare.prepare(make, f"{name}/{size}@{data_dir}", data_dir)
+    built = prepare.prepare(make, f"{name}/{size}@{data_dir}", data_dir)
+    if name == "imagenet_folder" and not source_dir:
+        _report_reuse(built)
+    return built
+
+
+_REUSE_REPORTED: set[str] = set()
+
+
+def _report_reuse(built: tfds.core.DatasetBuilder) -> None:
+    """Logs once per process which build an empty ``data.source_dir`` reads."""
+    if built.data_dir in _REUSE_REPORTED:
+        return
+    _REUSE_REPORTED.add(built.data_dir)
+    logging.info(
+        "data.source_dir is empty: reading the dataset built in %s from %s",
+        built.data_dir,
+        (built.info.metadata or {}).get("source_dir") or "a folder it did not record",
+    )
 
 
 def _decode_imagenet2012(record: dict[str, Any], size: int) -> tuple[np.ndarray, int]:
