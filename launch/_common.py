@@ -101,8 +101,38 @@ def _config_path(argv: list[str]) -> str | None:
     return None
 
 
+def _repeated_override(argv: list[str]) -> str | None:
+    """The first ``--config.x`` override given more than once, and its values.
+
+    ml_collections would keep the last value of a repeated scalar but append
+    the values of a repeated tuple (``dim_mults=(1,2)`` twice gives
+    ``(1, 2, 1, 2)``); neither is what two overrides of one field mean.
+    """
+    seen: dict[str, list[str]] = {}
+    for i, arg in enumerate(argv):
+        for prefix in ("--config.", "--noconfig."):
+            if arg.startswith(prefix) and not arg.startswith("--config.="):
+                name, has_value, value = arg[len(prefix) :].partition("=")
+                if not has_value:
+                    value = "false" if prefix == "--noconfig." else "(flag)"
+                    following = argv[i + 1] if i + 1 < len(argv) else "--"
+                    if prefix == "--config." and not following.startswith("--"):
+                        value = following
+                seen.setdefault(name, []).append(value)
+    for name, values in seen.items():
+        if len(values) > 1:
+            return (
+                f"--config.{name} is given {len(values)} times ({', '.join(values)}): "
+                "give each override once"
+            )
+    return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """Parses flags; a bad flag or config override ends with one clear line."""
+    repeated = _repeated_override(argv)
+    if repeated is not None:
+        sys.exit(f"error: {repeated}")
     path = _config_path(argv)
     if path is not None and not os.path.isfile(path.split(":", 1)[0]):
         sys.exit(f"error: --config file {path!r} does not exist")

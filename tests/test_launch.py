@@ -143,6 +143,36 @@ def test_a_misspelt_field_ends_with_one_line_not_a_traceback(tmp_path):
     assert result.stderr.strip().startswith("error: ")
 
 
+def test_an_override_given_twice_is_refused_before_any_work(tmp_path):
+    # ml_collections would append a repeated tuple: dim_mults (1, 2, 1, 2).
+    result = run_train(
+        "--workdir",
+        str(tmp_path / "wd"),
+        "--config.model.dim_mults=(1,2)",
+        "--config.train.num_steps=3",
+        "--config.model.dim_mults=(1,2)",
+        tmp_path=tmp_path,
+    )
+    assert one_line_error(result) == (
+        "error: --config.model.dim_mults is given 2 times ((1,2), (1,2)): "
+        "give each override once"
+    )
+    assert not (tmp_path / "wd").exists()
+
+    repeated = importlib.import_module("launch._common")._repeated_override
+    argv = ["x", "--config.train.num_steps", "5", "--config.train.num_steps=6"]
+    assert repeated(argv) == (
+        "--config.train.num_steps is given 2 times (5, 6): give each override once"
+    )
+    argv = ["x", "--config.eval.enabled", "--noconfig.eval.enabled", "--workdir=a"]
+    assert repeated(argv) == (
+        "--config.eval.enabled is given 2 times ((flag), false): "
+        "give each override once"
+    )
+    distinct = ["x", "--config=c.py", "--config.a=1", "--config.ab=1", "--a=1", "--a=2"]
+    assert repeated(distinct) is None
+
+
 def test_sampling_settings_are_checked_before_training(tmp_path):
     result = run_train(
         "--workdir",
