@@ -102,6 +102,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.eval = ml_collections.ConfigDict()
     config.eval.num_images = 64
+    # Images sampled at a time by the evaluation (0: all eval.num_images at
+    # once); a smaller batch holds less in memory and changes the draws.
+    config.eval.batch = 0
     config.eval.seed = 1234
     config.eval.use_ema = True
     config.eval.grid_images = 16  # shown in samples/inpaint.png

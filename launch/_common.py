@@ -328,16 +328,22 @@ def check_tag(tag: str) -> None:
 
 
 def output_name(
-    config, step: int, tag: str, seed: int | None = None, count: int | None = None
+    config,
+    step: int,
+    tag: str,
+    seed: int | None = None,
+    count: int | None = None,
+    batch: int | None = None,
 ) -> str:
     """The part of the output file names that tells runs apart.
 
     ``<method>_step<N>``, then ``_raw`` for the raw (not EMA) weights,
     ``_w<scale>`` for a guidance scale other than 1, ``_train`` for images
     of the training split (``data.eval_split='train'``), ``_n<count>`` and
-    ``_seed<k>`` when given, and ``_<tag>``: sampling another checkpoint,
-    weights, guidance scale, split, number of images or seed writes new
-    files instead of replacing the earlier ones.
+    ``_seed<k>`` when given, ``_b<batch>`` for a batch smaller than the
+    count, and ``_<tag>``: sampling another checkpoint, weights, guidance
+    scale, split, number of images, seed or batch writes new files instead
+    of replacing the earlier ones.
     """
     parts = [config.sampler.method, f"step{step}"]
     if not config.eval.use_ema:
@@ -350,6 +356,8 @@ def output_name(
         parts.append(f"n{count}")
     if seed is not None:
         parts.append(f"seed{seed}")
+    if batch and count is not None and batch < count:
+        parts.append(f"b{batch}")
     if tag:
         parts.append(tag)
     return "_".join(parts)

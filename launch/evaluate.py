@@ -31,7 +31,10 @@ FLAGS = flags.FLAGS
 def main(argv):
     _common.check_tag(FLAGS.tag)
     config = FLAGS.config
-    workdir = _common.start(argv, splits={"eval.num_images": config.eval.num_images})
+    splits = {"eval.num_images": config.eval.num_images}
+    if config.eval.batch:
+        splits["eval.batch"] = config.eval.batch
+    workdir = _common.start(argv, splits=splits)
 
     import jax
 
@@ -42,7 +45,12 @@ def main(argv):
     pipeline.check_inpainting(config)
     fid_setup, model, variables, step = pipeline.prepare_sampling(config, workdir, mesh)
     name = _common.output_name(
-        config, step, FLAGS.tag, seed=config.eval.seed, count=config.eval.num_images
+        config,
+        step,
+        FLAGS.tag,
+        seed=config.eval.seed,
+        count=config.eval.num_images,
+        batch=config.eval.batch,
     )
     path = os.path.join(workdir, f"eval_{name}.json")
     pipeline.check_output_files(

@@ -25,6 +25,8 @@ def main(argv):
     splits = {"train.global_batch": _common.per_pass_batch(config.train)}
     if FLAGS.evaluate:
         splits["eval.num_images"] = config.eval.num_images
+        if config.eval.batch:
+            splits["eval.batch"] = config.eval.batch
     workdir = _common.start(argv, workdir_must_exist=False, splits=splits)
 
     from stochinterp import pipeline

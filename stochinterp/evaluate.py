@@ -51,10 +51,20 @@ def hidden_mse(prediction: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> f
       prediction, truth: [batch, H, W, C].
       mask: [batch, H, W, 1], 1 = known.
     """
+    error, hidden = _hidden_sums(prediction, truth, mask)
+    return _pooled(error, hidden)
+
+
+def _hidden_sums(prediction, truth, mask) -> tuple[float, float]:
+    """(squared error summed over hidden pixel values, their number)."""
     hidden = np.broadcast_to(1.0 - mask, truth.shape)
-    if hidden.sum() == 0:
+    return float((np.square(prediction - truth) * hidden).sum()), float(hidden.sum())
+
+
+def _pooled(error: float, hidden: float) -> float:
+    if hidden == 0:
         raise ValueError("no hidden pixels in the evaluation set: PSNR is undefined")
-    return float((np.square(prediction - truth) * hidden).sum() / hidden.sum())
+    return error / hidden
 
 
 def mean_fill(x1: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -285,20 +295,50 @@ def _new_program(apply_fn, coupling, interpolant, settings, guidance, key_impl):
 _kept_program = functools.lru_cache(maxsize=8)(_new_program)
 
 
+class InpaintingErrors:
+    """Squared errors on hidden pixels, summed over batches of test images.
+
+    ``metrics()`` gives what ``inpainting_metrics`` gives for all the batches
+    at once: MSEs pooled over every hidden pixel of every batch.
+    """
+
+    def __init__(self):
+        self.sample_error = 0.0  # summed over hidden pixel values
+        self.mean_fill_error = 0.0
+        self.hidden = 0.0  # hidden pixel values
+        self.mask_sum = 0.0
+        self.mask_size = 0
+        self.known_exact = True
+
+    def update(self, samples: np.ndarray, x1: np.ndarray, mask: np.ndarray) -> None:
+        error, hidden = _hidden_sums(samples, x1, mask)
+        self.sample_error += error
+        self.mean_fill_error += _hidden_sums(mean_fill(x1, mask), x1, mask)[0]
+        self.hidden += hidden
+        self.mask_sum += float(mask.sum())
+        self.mask_size += mask.size
+        known = np.broadcast_to(mask, x1.shape) > 0
+        self.known_exact &= bool(np.array_equal(samples[known], x1[known]))
+
+    def metrics(self) -> dict:
+        model_mse = _pooled(self.sample_error, self.hidden)
+        baseline_mse = _pooled(self.mean_fill_error, self.hidden)
+        return {
+            "psnr_hidden_sample": psnr_from_mse(model_mse),
+            "psnr_hidden_mean_fill": psnr_from_mse(baseline_mse),
+            "psnr_gain_db": psnr_from_mse(model_mse) - psnr_from_mse(baseline_mse),
+            "mse_hidden_sample": model_mse,
+            "mse_hidden_mean_fill": baseline_mse,
+            "hidden_fraction": 1.0 - self.mask_sum / self.mask_size,
+            "known_pixels_exact": self.known_exact,
+        }
+
+
 def inpainting_metrics(samples: np.ndarray, x1: np.ndarray, mask: np.ndarray) -> dict:
     """PSNR on hidden pixels for the samples and the mean-fill baseline."""
-    model_mse = hidden_mse(samples, x1, mask)
-    baseline_mse = hidden_mse(mean_fill(x1, mask), x1, mask)
-    known = np.broadcast_to(mask, x1.shape) > 0
-    return {
-        "psnr_hidden_sample": psnr_from_mse(model_mse),
-        "psnr_hidden_mean_fill": psnr_from_mse(baseline_mse),
-        "psnr_gain_db": psnr_from_mse(model_mse) - psnr_from_mse(baseline_mse),
-        "mse_hidden_sample": model_mse,
-        "mse_hidden_mean_fill": baseline_mse,
-        "hidden_fraction": float(1.0 - mask.mean()),
-        "known_pixels_exact": bool(np.array_equal(samples[known], x1[known])),
-    }
+    errors = InpaintingErrors()
+    errors.update(samples, x1, mask)
+    return errors.metrics()
 
 
 def masked_input(x1: np.ndarray, mask: np.ndarray) -> np.ndarray:

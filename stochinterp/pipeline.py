@@ -73,6 +73,15 @@ def validate_sampling(
             f"--num_samples) must be a positive multiple of the number of "
             f"devices ({devices})"
         )
+    batch = config.eval.batch
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch % devices:
+        batch = None
+    if batch is None or batch < 0:
+        raise ValueError(
+            f"eval.batch must be 0 (all eval.num_images at once) or a positive "
+            f"multiple of the number of devices ({devices}), got "
+            f"{config.eval.batch!r}"
+        )
     if config.eval.grid_images < 1:
         raise ValueError(
             f"eval.grid_images must be >= 1, got {config.eval.grid_images}"
@@ -372,6 +381,56 @@ def prepare_sampling(
     return setup, model, variables, step
 
 
+def _sampled_batches(config, model, variables, mesh, n, batch, seed, fold, what):
+    """``sample_test_images`` of n held-out images, ``batch`` at a time.
+
+    Batch c (images c * batch onwards) draws with
+    ``jax.random.fold_in(jax.random.key(seed), c)`` when ``fold``, else with
+    ``jax.random.key(seed)`` (one batch). A last batch of another size
+    compiles the sampler once more. Logs progress, naming ``what``, after
+    each batch when there are several.
+    """
+    key = jax.random.key(seed)
+    began = time.time()
+    for index, start in enumerate(range(0, n, batch)):
+        size = min(batch, n - start)
+        draws = jax.random.fold_in(key, index) if fold else key
+        yield sample_test_images(
+            config, model, variables, mesh, size, seed, start, draws
+        )
+        if fold:
+            seconds = time.time() - began
+            log.info(
+                "%s: %d of %d images, %.0f s, about %.0f s left",
+                what,
+                start + size,
+                n,
+                seconds,
+                seconds * (n - start - size) / (start + size),
+            )
+
+
+def _add_features(setup, stats: dict, config, x1, samples, sample) -> None:
+    """Adds a batch's FID features (samples, baselines and, without
+    ``eval.fid_reference``, the ground truth) to the running ``stats``."""
+    image_sets = {"sample": samples, **fid_eval.baselines(config, x1, sample)}
+    if setup.reference is None:  # the ground truth is the reference
+        image_sets["truth"] = x1
+    for name, images in image_sets.items():
+        stats.setdefault(name, fid.FeatureStatistics()).update(setup.extractor(images))
+
+
+def _counts_of_batches(config, infos: list) -> dict:
+    """The sampling record of several batches: the most calls and steps any
+    batch made, and with several batches the calls of each."""
+    records = [sampling_record(config, info) for info in infos]
+    counts = ("nfe", "nfe_score", "accepted_steps", "rejected_steps")
+    merged = {**records[0], **{k: max(r[k] for r in records) for k in counts}}
+    if len(records) > 1:
+        merged["nfe_per_batch"] = [r["nfe"] for r in records]
+    return merged
+
+
 def held_out_fid(
     config,
     model,
@@ -401,40 +460,16 @@ def held_out_fid(
     Returns:
       (metrics, (x1, samples, x0) of the first batch).
     """
-    key = jax.random.key(seed)
-    truth = setup.reference is None  # the ground truth is the reference
     stats: dict[str, fid.FeatureStatistics] = {}
     nfe, first, began = [], None, time.time()
-    for index, start in enumerate(range(0, n, batch)):
-        size = min(batch, n - start)
-        x1, samples, sample, info, _ = sample_test_images(
-            config,
-            model,
-            variables,
-            mesh,
-            size,
-            seed,
-            start,
-            jax.random.fold_in(key, index),
-        )
-        image_sets = {"sample": samples, **fid_eval.baselines(config, x1, sample)}
-        if truth:
-            image_sets["truth"] = x1
-        for name, images in image_sets.items():
-            stats.setdefault(name, fid.FeatureStatistics()).update(
-                setup.extractor(images)
-            )
+    batches = _sampled_batches(
+        config, model, variables, mesh, n, batch, seed, True, "FID"
+    )
+    for x1, samples, sample, info, _ in batches:
+        _add_features(setup, stats, config, x1, samples, sample)
         if first is None:
             first = (x1, samples, np.asarray(sample.x0))
         nfe.append(sampling_record(config, info)["nfe"])
-        seconds = time.time() - began
-        log.info(
-            "FID: %d of %d images, %.0f s, about %.0f s left",
-            start + size,
-            n,
-            seconds,
-            seconds * (n - start - size) / (start + size),
-        )
     metrics = fid_eval.distances(setup, stats.pop("truth", None), stats)
     record = sampling_record(config, info)
     metrics.update(
@@ -472,32 +507,48 @@ def evaluate_inpainting(
 ) -> dict:
     """Samples the fixed test images, writes samples/<picture>, returns metrics.
 
+    Samples ``eval.batch`` images at a time (0: all ``eval.num_images`` at
+    once, drawn with ``jax.random.key(eval.seed)``; with several batches,
+    batch c draws with ``fold_in`` of that key and c, as ``held_out_fid``),
+    holding one batch of images at once; PSNR and FID are pooled over all.
     Works for the coupled model and for the uncoupled baseline, whose mask is
     its first conditioning channel (it does not hold known pixels fixed, so
     its ``known_pixels_exact`` is normally False).
     """
     check_inpainting(config)
+    n = config.eval.num_images
     if fid_config is None:
-        fid_config = fid_eval.load(config, mesh, config.eval.num_images)
-    x1, samples, sample, info, seconds = sample_test_images(
-        config, model, variables, mesh, config.eval.num_images, config.eval.seed
+        fid_config = fid_eval.load(config, mesh, n)
+    batch = config.eval.batch or n
+    errors, stats, infos, seconds = evaluate.InpaintingErrors(), {}, [], 0.0
+    shown, k = None, min(config.eval.grid_images, n)
+    batches = _sampled_batches(
+        config, model, variables, mesh, n, batch, config.eval.seed, batch < n, "eval"
     )
-    mask = evaluate.inpainting_mask(sample)
-    metrics = evaluate.inpainting_metrics(samples, x1, mask)
+    for x1, samples, sample, info, spent in batches:
+        seconds += spent
+        infos.append(info)
+        mask = evaluate.inpainting_mask(sample)
+        errors.update(samples, x1, mask)
+        if fid_config is not None:
+            _add_features(fid_config, stats, config, x1, samples, sample)
+        rows = [evaluate.masked_input(x1, mask), samples, x1]
+        if shown is not None:
+            rows = [np.concatenate(pair) for pair in zip(shown, rows, strict=True)]
+        shown = [row[:k] for row in rows]
+    metrics = errors.metrics()
     metrics.update(
-        sampling_record(config, info),
-        sampling_seconds=seconds,
-        num_images=int(x1.shape[0]),
+        _counts_of_batches(config, infos), sampling_seconds=seconds, num_images=n
     )
+    if batch < n:
+        metrics["batch"] = batch
     if fid_config is not None:
-        baselines = fid_eval.baselines(config, x1, sample)
-        metrics.update(fid_eval.measure(fid_config, x1, sample=samples, **baselines))
+        metrics.update(fid_eval.distances(fid_config, stats.pop("truth", None), stats))
+        metrics["fid_images"] = n
     if jax.process_index() == 0:
-        k = min(config.eval.grid_images, x1.shape[0])
-        rows = [evaluate.masked_input(x1[:k], mask[:k]), samples[:k], x1[:k]]
         os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
         path = os.path.join(workdir, "samples", picture)
-        evaluate.save_grid(path, rows)
+        evaluate.save_grid(path, shown)
         log.info("wrote %s (rows: masked input, sample, ground truth)", path)
     return metrics
 

@@ -46,6 +46,29 @@ def test_hidden_mse_without_holes_is_an_error():
         evaluate.hidden_mse(x, x, np.ones((1, 2, 2, 1)))
 
 
+def test_errors_summed_over_batches_equal_the_metrics_of_all_at_once():
+    rng = np.random.default_rng(0)
+    x1 = rng.uniform(-1, 1, (6, 4, 4, 3)).astype(np.float32)
+    samples = rng.uniform(-1, 1, (6, 4, 4, 3)).astype(np.float32)
+    mask = (rng.uniform(size=(6, 4, 4, 1)) < 0.5).astype(np.float32)
+    samples = np.where(mask > 0, x1, samples)  # known pixels kept
+    whole = evaluate.inpainting_metrics(samples, x1, mask)
+    errors = evaluate.InpaintingErrors()
+    for part in (slice(0, 2), slice(2, 6)):  # batches of unequal size
+        errors.update(samples[part], x1[part], mask[part])
+    summed = errors.metrics()
+    assert summed.keys() == whole.keys()
+    for key, value in whole.items():
+        assert summed[key] == pytest.approx(value, rel=1e-6), key
+    hidden = np.broadcast_to(1 - mask, x1.shape)
+    pooled = float((np.square(samples - x1) * hidden).sum() / hidden.sum())
+    assert summed["mse_hidden_sample"] == pytest.approx(pooled, rel=1e-6)
+    assert summed["hidden_fraction"] == pytest.approx(1 - mask.mean(), rel=1e-6)
+    assert summed["known_pixels_exact"] is True
+    errors.update(x1[:1] + 1.0, x1[:1], np.ones((1, 4, 4, 1), np.float32))
+    assert errors.metrics()["known_pixels_exact"] is False
+
+
 def test_mse_trend_uses_first_and_last_tenth():
     history = [10.0] * 10 + [5.0] * 80 + [2.0] * 10
     trend = pipeline.mse_trend(history)
@@ -125,6 +148,58 @@ def test_restored_ema_weights_reproduce_the_evaluation(main_job):
         metrics["psnr_hidden_sample"], abs=1e-4
     )
     assert jax.device_count() == 2
+
+
+def test_evaluation_in_batches_pools_the_batches_drawn_with_folded_keys(
+    main_job, tmp_path
+):
+    config, workdir, _ = main_job
+    config = config.copy_and_resolve_references()
+    config.eval.batch = 4  # two batches of the 8 images
+    mesh = pipeline.sharding.make_mesh()
+    pipeline.validate_sampling(config, mesh)
+    model, variables, _ = pipeline.load_variables(config, workdir, mesh, True)
+    metrics = pipeline.evaluate_inpainting(
+        config, model, variables, str(tmp_path), mesh, picture="b.png"
+    )
+    assert metrics["batch"] == 4 and metrics["num_images"] == 8
+    assert metrics["nfe_per_batch"] == [5, 5] and metrics["nfe"] == 5
+
+    # The same two batches by hand: batch c draws with fold_in(key(seed), c).
+    key = jax.random.key(config.eval.seed)
+    x1, samples, masks = [], [], []
+    for c, start in enumerate((0, 4)):
+        batch = pipeline.sample_test_images(
+            config, model, variables, mesh, 4, 0, start, jax.random.fold_in(key, c)
+        )
+        x1.append(batch[0]), samples.append(batch[1])
+        masks.append(evaluate.inpainting_mask(batch[2]))
+    x1, samples, masks = map(np.concatenate, (x1, samples, masks))
+    expected = evaluate.inpainting_metrics(samples, x1, masks)
+    for key_name, value in expected.items():
+        assert metrics[key_name] == pytest.approx(value, rel=1e-6), key_name
+    assert not np.array_equal(masks[:4], masks[4:])  # other draws per batch
+
+    # The picture shows the first grid_images (4) images: the first batch.
+    shown = np.asarray(Image.open(tmp_path / "samples" / "b.png"))
+    grid = tmp_path / "expected.png"
+    rows = [evaluate.masked_input(x1[:4], masks[:4]), samples[:4], x1[:4]]
+    evaluate.save_grid(str(grid), rows)
+    np.testing.assert_array_equal(shown, np.asarray(Image.open(grid)))
+
+
+@pytest.mark.parametrize("batch", [-2, 3, True])
+def test_a_bad_evaluation_batch_is_named(batch):
+    config = tiny_config("unused")
+    config.eval.batch = batch
+    mesh = pipeline.sharding.make_mesh()
+    expected = (
+        "eval.batch must be 0 (all eval.num_images at once) or a positive "
+        f"multiple of the number of devices (2), got {batch!r}"
+    )
+    with pytest.raises(ValueError) as raised:
+        pipeline.validate_sampling(config, mesh)
+    assert str(raised.value) == expected
 
 
 def test_dopri5_can_be_chosen_from_a_config_that_sets_num_steps():
@@ -358,6 +433,13 @@ def test_output_names_tell_the_settings_apart():
     )
     config.data.eval_split = "test"  # the held-out split, named: the same images
     assert _common.output_name(config, 7, "") == "heun_step7_raw_w0.0"
+    # Evaluation in batches draws otherwise; one batch of all the images not.
+    assert _common.output_name(config, 7, "t", 0, 16, batch=4) == (
+        "heun_step7_raw_w0.0_n16_seed0_b4_t"
+    )
+    for batch in (0, 16):
+        name = _common.output_name(config, 7, "", 0, 16, batch=batch)
+        assert name == "heun_step7_raw_w0.0_n16_seed0"
 
 
 def test_replacing_an_output_of_other_sampler_settings_warns(tmp_path, caplog):
