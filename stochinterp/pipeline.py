@@ -522,8 +522,9 @@ def evaluate_inpainting(
     batch = config.eval.batch or n
     errors, stats, infos, seconds = evaluate.InpaintingErrors(), {}, [], 0.0
     shown, k = None, min(config.eval.grid_images, n)
+    seed, several = config.eval.seed, batch < n
     batches = _sampled_batches(
-        config, model, variables, mesh, n, batch, config.eval.seed, batch < n, "eval"
+        config, model, variables, mesh, n, batch, seed, several, "evaluation"
     )
     for x1, samples, sample, info, spent in batches:
         seconds += spent
