@@ -397,36 +397,53 @@ def from_config(config) -> Coupling:
     only); ``num_classes`` (0 = unconditional), ``p_uncond``. (The field
     ``class_channel`` configures the network, not the coupling.)
     """
-    name = config.name
-    # Every field is checked, also those the chosen coupling does not read: a
-    # bad value there is a mistake that would otherwise pass unnoticed.
-    check_probability("coupling.p_uncond", config.p_uncond)
-    check_noise_scale("coupling.sigma", config.sigma)
-    inpaint = lambda: InpaintingCoupling(grid=config.grid, p=config.p)  # noqa: E731
-    superres = lambda: SuperResolutionCoupling(  # noqa: E731
-        factor=config.factor, sigma=config.sigma
-    )
-    if name == "inpainting":
-        coupling = inpaint()
-    elif name == "superres":
-        coupling = superres()
-    elif name == "independent":
-        like = {"none": None, "inpainting": inpaint, "superres": superres}
-        if config.baseline_condition not in like:
-            raise ValueError(
-                f"baseline_condition {config.baseline_condition!r} is not one of "
-                f"{sorted(like)}"
-            )
-        make = like[config.baseline_condition]
-        coupling = IndependentCoupling(condition_like=make() if make else None)
+    _check_fields(config)
+    by_name = {
+        "inpainting": InpaintingCoupling(grid=config.grid, p=config.p),
+        "superres": SuperResolutionCoupling(factor=config.factor, sigma=config.sigma),
+    }
+    if config.name == "independent":
+        like = by_name.get(config.baseline_condition)  # None for 'none'
+        coupling = IndependentCoupling(condition_like=like)
     else:
+        coupling = by_name[config.name]
+    if config.num_classes:
+        coupling = ClassConditioning(coupling, config.num_classes, config.p_uncond)
+    return coupling
+
+
+def _check_fields(config) -> None:
+    """Checks every field of ``config.coupling``, also those the chosen
+    coupling does not read: a bad value there is a mistake that would
+    otherwise pass unnoticed."""
+    name = config.name
+    if name not in ("independent", "inpainting", "superres"):
         raise ValueError(
             f"coupling {name!r} is not known; choose 'independent', 'inpainting' "
             "or 'superres'"
         )
-    if config.num_classes:
-        coupling = ClassConditioning(coupling, config.num_classes, config.p_uncond)
-    return coupling
+    check_probability("coupling.p_uncond", config.p_uncond)
+    check_noise_scale("coupling.sigma", config.sigma)
+    check_positive_int("coupling.grid", config.grid)
+    check_probability("coupling.p", config.p)
+    check_positive_int("coupling.factor", config.factor)
+    conditions = ["inpainting", "none", "superres"]
+    if config.baseline_condition not in conditions:
+        raise ValueError(
+            f"coupling.baseline_condition {config.baseline_condition!r} is not one "
+            f"of {conditions}"
+        )
+    if name != "independent" and config.baseline_condition != "none":
+        raise ValueError(
+            f"coupling.baseline_condition={config.baseline_condition!r} belongs to "
+            f"the uncoupled baseline (coupling.name='independent'); the {name!r} "
+            "coupling has its own conditioning: leave it 'none'"
+        )
+    if "superres" in (name, config.baseline_condition) and config.factor < 2:
+        raise ValueError(
+            f"coupling.factor={config.factor} would give the network x1 itself "
+            "as conditioning (U(D(x1)) = x1); super-resolution needs a factor >= 2"
+        )
 
 
 def base_noise_scale(coupling: Coupling) -> float | None:

@@ -96,7 +96,8 @@ def baselines(config, x1: np.ndarray, sample=None) -> dict:
       sample: the ``CouplingSample`` drawn for x1 (in-painting only).
     """
     coupling = config.coupling
-    if "superres" in (coupling.name, coupling.baseline_condition):
+    baseline = coupling.name == "independent" and coupling.baseline_condition
+    if "superres" in (coupling.name, baseline):
         low = couplings.SuperResolutionCoupling(coupling.factor)
         return {"upsampled": np.asarray(low.low_resolution(jnp.asarray(x1)))}
     if evaluate.is_inpainting(config) and sample is not None:

@@ -214,11 +214,21 @@ def load_variables(config, workdir: str, mesh, use_ema: bool):
     return model, state.ema_params if use_ema else state.params, step
 
 
+# The largest |w| the launchers take; the library's ``fields.guided`` takes any
+# finite scale.
+MAX_GUIDANCE_SCALE = 100.0
+
+
 def _guidance(config) -> tuple[float, int] | None:
     """(scale, null label) when classifier-free guidance is asked for."""
     scale = config.sampler.guidance_scale
-    if not np.isfinite(scale):
-        raise ValueError(f"sampler.guidance_scale must be finite, got {scale}")
+    if not abs(scale) <= MAX_GUIDANCE_SCALE:  # nan too
+        raise ValueError(
+            f"sampler.guidance_scale must be a number in [-{MAX_GUIDANCE_SCALE:g}, "
+            f"{MAX_GUIDANCE_SCALE:g}], got {scale} (the guided field grows with "
+            "|w| and adaptive steps shrink with it: Dopri5 would run until "
+            "sampler.max_steps)"
+        )
     if scale == 1.0:
         return None
     cc = config.coupling

@@ -265,6 +265,45 @@ def test_from_config_builds_every_coupling():
         couplings.from_config(_config(sigma=float("nan")))
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(name="superres", grid=0), "coupling.grid must be .*, got 0"),
+        (dict(name="superres", p=2.0), "coupling.p must be .*, got 2.0"),
+        (dict(factor=-2), "coupling.factor must be .*, got -2"),
+        (
+            dict(name="superres", baseline_condition="bogus"),
+            r"coupling.baseline_condition 'bogus' is not one of "
+            r"\['inpainting', 'none', 'superres'\]",
+        ),
+        (
+            dict(baseline_condition="superres"),
+            r"coupling.baseline_condition='superres' belongs to the uncoupled "
+            r"baseline \(coupling.name='independent'\); the 'inpainting' coupling",
+        ),
+        (
+            dict(name="superres", factor=1),
+            r"coupling.factor=1 would give the network x1 itself as conditioning",
+        ),
+        (
+            dict(name="independent", baseline_condition="superres", factor=1),
+            r"coupling.factor=1 would give",
+        ),
+        (dict(name="colour", baseline_condition="superres"), "coupling 'colour' is"),
+    ],
+)
+def test_fields_the_coupling_does_not_read_are_checked(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        couplings.from_config(_config(**overrides))
+
+
+def test_a_factor_of_one_is_refused_only_where_super_resolution_reads_it():
+    config = _config(factor=1)  # in-painting: the factor is not read
+    assert couplings.from_config(config) == InpaintingCoupling(8, 0.3)
+    # The library's coupling itself allows it (x0 = x1 + sigma zeta).
+    assert SuperResolutionCoupling(1, 0.5).factor == 1
+
+
 def test_base_noise_scale_of_each_coupling():
     assert couplings.base_noise_scale(InpaintingCoupling()) == 1.0
     assert couplings.base_noise_scale(IndependentCoupling()) == 1.0

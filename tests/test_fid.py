@@ -612,3 +612,6 @@ def test_super_resolution_is_compared_with_its_upsampled_low_resolution_image():
     config.coupling.name = "inpainting"
     config.coupling.baseline_condition = "none"
     assert fid_eval.baselines(config, x1) == {}
+    # The baseline's condition is read for the uncoupled baseline only.
+    config.coupling.baseline_condition = "superres"
+    assert fid_eval.baselines(config, x1) == {}

@@ -214,9 +214,20 @@ def test_a_sampler_that_runs_out_of_steps_is_an_input_error():
 def test_guidance_scale_must_be_finite(scale):
     with pytest.raises(ValueError, match=f"real number that is finite, got {scale}"):
         fields.guided(lambda t, x, xi: x, scale, null_label=10)
+
+
+@pytest.mark.parametrize(
+    "scale", [float("nan"), float("inf"), -float("inf"), 1e6, 100.5, -101.0]
+)
+def test_a_config_guidance_scale_past_100_is_refused(scale):
     config = digits_classcond.get_config()
     config.sampler.guidance_scale = scale
-    with pytest.raises(ValueError, match=f"guidance_scale must be finite, got {scale}"):
+    expected = f"sampler.guidance_scale must be a number in [-100, 100], got {scale} "
+    with pytest.raises(ValueError) as raised:
+        pipeline.validate_sampling(config, pipeline.sharding.make_mesh())
+    assert str(raised.value).startswith(expected)
+    for edge in (100.0, -100.0):  # the ends are taken
+        config.sampler.guidance_scale = edge
         pipeline.validate_sampling(config, pipeline.sharding.make_mesh())
 
 
