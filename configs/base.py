@@ -36,9 +36,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.coupling.name = "inpainting"
     config.coupling.grid = 8  # in-painting: tiles per side
     config.coupling.p = 0.3  # in-painting: probability a tile is hidden
-    config.coupling.factor = 4  # super-resolution: down/up factor
+    config.coupling.factor = 4  # super-resolution: down/up factor, >= 2
     config.coupling.sigma = 1.0  # super-resolution: noise added to U(D(x1))
-    config.coupling.baseline_condition = "none"  # independent only
+    # independent only: "none", "inpainting" or "superres" conditioning
+    config.coupling.baseline_condition = "none"
     config.coupling.num_classes = 0  # 0: no class conditioning
     config.coupling.p_uncond = 0.0  # label drop probability (guidance)
     config.coupling.class_channel = False
@@ -98,7 +99,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.sampler.max_steps = 4096
     config.sampler.eps_schedule = "decay"  # Euler-Maruyama: 'constant', 'decay', 'bump'
     config.sampler.eps_scale = 1.0
-    config.sampler.guidance_scale = 1.0  # classifier-free guidance; 1 = none
+    # classifier-free guidance w in [-100, 100]; 1 = none
+    config.sampler.guidance_scale = 1.0
 
     config.eval = ml_collections.ConfigDict()
     config.eval.num_images = 64
