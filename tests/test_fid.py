@@ -14,7 +14,7 @@ import pytest
 import scipy.linalg
 from _train_helpers import one_line_error
 
-from stochinterp import fid, fid_eval, sharding
+from stochinterp import couplings, evaluate, fid, fid_eval, sharding
 from stochinterp.models import inception
 
 
@@ -615,3 +615,21 @@ def test_super_resolution_is_compared_with_its_upsampled_low_resolution_image():
     # The baseline's condition is read for the uncoupled baseline only.
     config.coupling.baseline_condition = "superres"
     assert fid_eval.baselines(config, x1) == {}
+
+
+def test_in_painting_and_its_uncoupled_baseline_are_compared_with_mean_fill():
+    from configs import base
+
+    x1 = np.asarray(jax.random.uniform(jax.random.key(0), (2, 4, 4, 3)), np.float32)
+    config = base.get_config()
+    config.coupling.grid = 2
+    for name, condition in (("inpainting", "none"), ("independent", "inpainting")):
+        config.coupling.name = name
+        config.coupling.baseline_condition = condition
+        coupling = couplings.from_config(config.coupling)
+        sample = coupling(jax.random.key(1), jnp.asarray(x1))
+        mask = np.asarray(sample.cond[..., :1])  # the mask channel of both
+        got = fid_eval.baselines(config, x1, sample)
+        assert set(got) == {"mean_fill"}
+        np.testing.assert_array_equal(got["mean_fill"], evaluate.mean_fill(x1, mask))
+        assert 0 < mask.mean() < 1

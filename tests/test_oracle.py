@@ -207,6 +207,17 @@ def test_score_from_velocity_agrees_with_the_oracle():
         )
         np.testing.assert_array_equal(got[:, ~hidden], 0.0)
 
+    # A base x0 = c + sigma zeta with sigma = 0.5, where sigma^2 != sigma.
+    c = jax.random.normal(jax.random.key(4), (D,))
+    noisy = GaussianOracle(mu1, S1, jnp.zeros((D, D)), c, 0.25 * jnp.eye(D), path)
+    velocity = lambda t, x, xi: noisy.velocity(t, x)  # noqa: E731
+    center = jnp.broadcast_to(c, x.shape)
+    score = fields.score_from_velocity(velocity, path, center, 0.5)
+    for t in (0.2, 0.6):
+        np.testing.assert_allclose(
+            score(t, x, {}), noisy.score(t, x), rtol=1e-3, atol=1e-3
+        )
+
 
 def test_conditional_oracle_matches_regression_with_the_low_resolution_input():
     """A network that also sees D x1 learns the velocity of oracle.condition."""

@@ -29,12 +29,32 @@ def test_mean_fill_puts_each_images_known_mean_in_its_holes():
     np.testing.assert_array_equal(filled[1, :, :, 0], [[1.25, 1.25], [0.5, 2.0]])
 
 
+def test_mean_fill_takes_each_channels_own_known_mean():
+    x1 = np.zeros((1, 2, 2, 3), np.float32)
+    x1[0, :, :, 0] = [[1.0, 3.0], [5.0, 7.0]]
+    x1[0, :, :, 1] = 10.0
+    x1[0, :, :, 2] = -2.0
+    mask = np.ones((1, 2, 2, 1), np.float32)
+    mask[0, 1, 1] = 0.0
+    filled = evaluate.mean_fill(x1, mask)
+    np.testing.assert_array_equal(filled[0, 1, 1], [3.0, 10.0, -2.0])
+    np.testing.assert_array_equal(filled[0, 0, 0], [1.0, 10.0, -2.0])
+
+
 def test_hidden_mse_is_pooled_over_all_hidden_pixels():
     truth = np.zeros((2, 1, 2, 1), np.float32)
     prediction = np.array([[[[1.0], [9.0]]], [[[2.0], [9.0]]]], np.float32)
     mask = np.array([[[[0.0], [1.0]]], [[[0.0], [1.0]]]], np.float32)
     # Hidden pixels: errors 1 and 4 -> pooled MSE 2.5; known pixels ignored.
     assert evaluate.hidden_mse(prediction, truth, mask) == 2.5
+    # One hidden pixel with error 1 and three with error 4: pooled 13 / 4,
+    # where the mean of the per-image MSEs would be 2.5.
+    truth = np.zeros((2, 2, 2, 1), np.float32)
+    prediction = np.stack([np.full((2, 2, 1), 1.0), np.full((2, 2, 1), 2.0)])
+    mask = np.ones((2, 2, 2, 1), np.float32)
+    mask[0, 0, 0] = 0.0
+    mask[1].flat[:3] = 0.0
+    assert evaluate.hidden_mse(prediction, truth, mask) == 3.25
     assert evaluate.psnr_from_mse(0.04) == pytest.approx(
         20.0
     )  # range 2: 10 log10(4/0.04)
@@ -65,7 +85,13 @@ def test_errors_summed_over_batches_equal_the_metrics_of_all_at_once():
     assert summed["mse_hidden_sample"] == pytest.approx(pooled, rel=1e-6)
     assert summed["hidden_fraction"] == pytest.approx(1 - mask.mean(), rel=1e-6)
     assert summed["known_pixels_exact"] is True
-    errors.update(x1[:1] + 1.0, x1[:1], np.ones((1, 4, 4, 1), np.float32))
+    # One known value one float32 step off, in a middle batch, is not exact.
+    errors = evaluate.InpaintingErrors()
+    off = samples.copy()
+    known = np.argwhere(np.broadcast_to(mask, x1.shape)[2] > 0)[0]
+    off[(2, *known)] = np.nextafter(x1[(2, *known)], np.float32(2))
+    for part in (slice(0, 2), slice(2, 4), slice(4, 6)):
+        errors.update(off[part], x1[part], mask[part])
     assert errors.metrics()["known_pixels_exact"] is False
 
 
@@ -186,6 +212,48 @@ def test_evaluation_in_batches_pools_the_batches_drawn_with_folded_keys(
     rows = [evaluate.masked_input(x1[:4], masks[:4]), samples[:4], x1[:4]]
     evaluate.save_grid(str(grid), rows)
     np.testing.assert_array_equal(shown, np.asarray(Image.open(grid)))
+
+
+def test_evaluation_in_one_batch_draws_with_the_seed_itself(main_job, tmp_path):
+    config, workdir, _ = main_job
+    mesh = pipeline.sharding.make_mesh()
+    model, variables, _ = pipeline.load_variables(config, workdir, mesh, True)
+    x1, samples, sample, _, _ = pipeline.sample_test_images(
+        config, model, variables, mesh, 8, 0, key=jax.random.key(config.eval.seed)
+    )
+    expected = evaluate.inpainting_metrics(
+        samples, x1, evaluate.inpainting_mask(sample)
+    )
+    for batch in (0, 8):  # all eval.num_images at once
+        config = config.copy_and_resolve_references()
+        config.eval.batch = batch
+        metrics = pipeline.evaluate_inpainting(
+            config, model, variables, str(tmp_path), mesh
+        )
+        assert "batch" not in metrics and "nfe_per_batch" not in metrics
+        for name, value in expected.items():
+            assert metrics[name] == value, (batch, name)
+
+
+def test_the_record_of_several_batches_keeps_the_most_calls_and_steps():
+    config = tiny_config("unused")
+
+    def info(nfe, accepted, rejected):
+        return pipeline.samplers.SamplerInfo(
+            nfe=np.int32(nfe),
+            nfe_score=np.int32(0),
+            t_final=np.float32(1.0),
+            accepted_steps=np.int32(accepted),
+            rejected_steps=np.int32(rejected),
+            success=np.bool_(True),
+        )
+
+    record = pipeline._counts_of_batches(config, [info(7, 1, 1), info(5, 3, 0)])
+    assert record["nfe"] == 7 and record["nfe_per_batch"] == [7, 5]
+    assert record["accepted_steps"] == 3 and record["rejected_steps"] == 1
+    assert record["nfe_score"] == 0 and record["sampler"] == "euler"
+    single = pipeline._counts_of_batches(config, [info(5, 3, 0)])
+    assert single["nfe"] == 5 and "nfe_per_batch" not in single
 
 
 @pytest.mark.parametrize("batch", [-2, 3, True])
