@@ -74,9 +74,8 @@ def validate_sampling(
             f"devices ({devices})"
         )
     batch = config.eval.batch
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch % devices:
-        batch = None
-    if batch is None or batch < 0:
+    whole = isinstance(batch, int) and not isinstance(batch, bool)
+    if not whole or batch < 0 or batch % devices:
         raise ValueError(
             f"eval.batch must be 0 (all eval.num_images at once) or a positive "
             f"multiple of the number of devices ({devices}), got "
