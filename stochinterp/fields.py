@@ -346,7 +346,8 @@ def check_velocity_score_steps(
         above ``MAX_EXCESS_SPREAD`` sigma in a pixel that the data (nearly)
         pins down (see :func:`sde_excess_spread`; explicit steps blow up there
         when eps(t) does not vanish fast enough near t = 1). The message gives
-        the largest 'decay' scale that passes for the same steps, if any.
+        the largest scales that pass for the same steps (``largest_eps_scale``),
+        for the schedule asked for and for 'decay', if any.
 
     Settings that pass may still need more steps for accuracy near t = 1:
     'bump' at scale 1 and 100 steps triples the spread of a pixel whose
@@ -366,28 +367,23 @@ def check_velocity_score_steps(
             "set eps_scale=0 (the ODE) or train with sigma > 0"
         )
     limit = MAX_EXCESS_SPREAD * sigma
-
-    def spread(schedule: str, scale: float) -> float:
-        other = dataclasses.replace(settings, eps_schedule=schedule, eps_scale=scale)
-        return sde_excess_spread(other, interpolant, sigma, guidance_scale)
-
-    got = spread(settings.eps_schedule, settings.eps_scale)
+    got = sde_excess_spread(settings, interpolant, sigma, guidance_scale)
     if got <= limit:
         return
-    # The largest passing 'decay' scale, rounded down to 3 significant digits.
-    low, high = 0.0, 1e3
-    for _ in range(80):
-        middle = 0.5 * (low + high)
-        low, high = (
-            (middle, high) if spread("decay", middle) <= limit else (low, middle)
+    largest = {
+        schedule: largest_eps_scale(
+            settings, interpolant, sigma, schedule, guidance_scale
         )
-    if low > 0:
-        digits = 2 - math.floor(math.log10(low))
-        low = math.floor(low * 10**digits) / 10**digits
+        for schedule in dict.fromkeys([settings.eps_schedule, "decay"])
+    }
+    options = [
+        f"eps_schedule={schedule!r} with eps_scale <= {scale:.3g}"
+        for schedule, scale in largest.items()
+        if scale > 0
+    ]
     advice = (
-        f"use eps_schedule='decay' with eps_scale <= {low:.3g}, or eps_scale=0 "
-        "(the ODE)"
-        if low > 0 and spread("decay", low) <= limit
+        f"use {' or '.join(options)}, or eps_scale=0 (the ODE)"
+        if options
         else "use eps_scale=0 (the ODE) or more steps"
     )
     guided = f", guidance scale {guidance_scale}" if guidance_scale != 1.0 else ""
@@ -395,7 +391,48 @@ def check_velocity_score_steps(
         f"{what} and {settings.num_steps} steps goes wrong with a score from the "
         f"velocity (gamma = 0, base noise sigma = {sigma}{guided}): near t = 1 "
         f"the score is stiff (slope about -1 / (alpha(t)^2 sigma^2)) and the "
-        f"explicit steps would leave an extra spread of {got:.3g} where the data "
-        f"is (nearly) exact (at most {MAX_EXCESS_SPREAD} sigma = {limit:.3g} "
-        f"allowed); {advice}"
+        f"explicit steps would leave an extra spread of {_above(got, limit)} where "
+        f"the data is (nearly) exact (at most {MAX_EXCESS_SPREAD} sigma = "
+        f"{limit:.3g} allowed); {advice}"
     )
+
+
+def largest_eps_scale(
+    settings: samplers.SamplerSettings,
+    interpolant: Interpolant,
+    sigma: float,
+    schedule: str | None = None,
+    guidance_scale: float = 1.0,
+) -> float:
+    """The largest eps_scale that ``check_velocity_score_steps`` passes.
+
+    For ``settings``' steps and time range with ``schedule`` (default
+    ``settings.eps_schedule``), rounded down to 3 significant digits (so the
+    value returned passes); 0 when no scale in (0, 1000] does.
+    """
+    schedule = settings.eps_schedule if schedule is None else schedule
+    limit = MAX_EXCESS_SPREAD * sigma
+
+    def passes(scale: float) -> bool:
+        other = dataclasses.replace(
+            settings, method="euler_maruyama", eps_schedule=schedule, eps_scale=scale
+        )
+        return sde_excess_spread(other, interpolant, sigma, guidance_scale) <= limit
+
+    low, high = 0.0, 1e3
+    for _ in range(80):
+        middle = 0.5 * (low + high)
+        low, high = (middle, high) if passes(middle) else (low, middle)
+    if low <= 0:
+        return 0.0
+    digits = 2 - math.floor(math.log10(low))
+    low = math.floor(low * 10**digits) / 10**digits
+    return low if passes(low) else 0.0
+
+
+def _above(value: float, limit: float) -> str:
+    """``value`` with the digits that show it above ``limit``."""
+    for digits in range(3, 10):
+        if f"{value:.{digits}g}" != f"{limit:.{digits}g}":
+            break
+    return f"{value:.{digits}g}"

@@ -1,5 +1,7 @@
 """Checks made before sampling: SDE stability, labels, guidance, finite output."""
 
+import dataclasses
+import math
 import re
 
 import jax
@@ -85,13 +87,44 @@ def test_the_suggested_decay_scale_passes():
                     try:
                         fields.check_velocity_score_steps(settings, interpolant, sigma)
                     except ValueError as error:
-                        found = re.search(r"eps_scale <= ([0-9.e+-]+),", str(error))
-                        if found is None:
-                            continue
-                        suggested += 1
-                        fixed = _em("decay", float(found.group(1)), steps)
-                        fields.check_velocity_score_steps(fixed, interpolant, sigma)
+                        found = re.findall(
+                            r"eps_schedule='(\w+)' with eps_scale <= ([0-9.e+-]+)",
+                            str(error),
+                        )
+                        names = [name for name, _ in found]
+                        assert names in ([], ["decay"], [schedule, "decay"]), names
+                        for name, value in found:
+                            suggested += 1
+                            fixed = _em(name, float(value), steps)
+                            fields.check_velocity_score_steps(fixed, interpolant, sigma)
     assert suggested > 20
+
+
+@pytest.mark.parametrize("t_min, t_max", [(0.0, 1.0), (1e-3, 1 - 1e-3)])
+def test_the_largest_scale_passes_and_the_next_3_digit_one_does_not(t_min, t_max):
+    interpolant = interpolants.linear()
+    for schedule in ("bump", "decay"):
+        settings = Settings(
+            "euler_maruyama", 20, t_min=t_min, t_max=t_max, eps_schedule=schedule
+        )
+        largest = fields.largest_eps_scale(settings, interpolant, 1.0)
+        assert 0.5 < largest < 5.0
+        step = 10 ** (math.floor(math.log10(largest)) - 2)  # one in the 3rd digit
+        fields.check_velocity_score_steps(
+            dataclasses.replace(settings, eps_scale=largest), interpolant, 1.0
+        )
+        with pytest.raises(ValueError) as raised:
+            fields.check_velocity_score_steps(
+                dataclasses.replace(settings, eps_scale=largest + step),
+                interpolant,
+                1.0,
+            )
+        message = str(raised.value)
+        # The spread shown is above the limit shown, and the own schedule's
+        # largest scale comes first.
+        shown = float(re.search(r"extra spread of ([0-9.e+-]+) ", message).group(1))
+        assert shown > 0.1
+        assert f"eps_schedule={schedule!r} with eps_scale <= {largest:.3g}" in message
 
 
 def test_guidance_makes_the_score_stiffer():
