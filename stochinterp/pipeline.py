@@ -7,6 +7,7 @@ workdir.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from stochinterp import (
     fid_eval,
     input_errors,
     interpolants,
+    npz_writer,
     samplers,
     sharding,
     train,
@@ -491,6 +493,92 @@ def held_out_fid(
         seconds=time.time() - began,
     )
     return metrics, first
+
+
+def sample_held_out(
+    config,
+    model,
+    variables,
+    mesh,
+    setup: fid_eval.FidSetup | None,
+    stem: str,
+    n: int,
+    batch: int,
+    seed: int,
+) -> tuple[dict, float]:
+    """Samples n held-out images ``batch`` at a time into ``stem``.npz and .png.
+
+    The ``.npz`` (``npz_writer.NpzWriter``) takes each batch's base samples
+    ``x0``, ``samples``, ``ground_truth`` and the coupling's ``mask``,
+    ``cond`` and ``labels`` where it has them, so one batch of images is held
+    at once; its ``sampling`` entry holds the record as JSON text. The file is
+    written once the last batch is sampled, before that batch's FID features
+    are taken, and rewritten with the FID of ``setup`` (the samples and the
+    baselines of ``fid_eval.baselines``) when ``setup`` is given. The picture
+    (x0, sample, ground truth of the first batch) is written after the file.
+    A run stopped before the file is written leaves neither, and any earlier
+    files of those names as they were. Batches draw as in
+    ``_sampled_batches``; one batch draws with ``jax.random.key(seed)``.
+
+    Args:
+      config, model, variables, mesh: as for ``sample_test_images``.
+      setup: from ``fid_eval.load``, or None for no FID.
+      stem: the output path without ``.npz`` or ``.png``.
+      n: images in all; batch: images at a time (at most n); multiples of
+        the device count.
+      seed: seed of the draws.
+
+    Returns:
+      (record: ``_counts_of_batches``, ``batch`` when there are several,
+      and the FID entries; seconds spent sampling).
+    """
+    writer = npz_writer.NpzWriter(stem + ".npz") if jax.process_index() == 0 else None
+    stats, infos, shown, seconds, fid_seconds = {}, [], None, 0.0, 0.0
+    batches = _sampled_batches(
+        config, model, variables, mesh, n, batch, seed, batch < n, "sampling"
+    )
+    with writer or contextlib.nullcontext():
+        for x1, samples, sample, info, spent in batches:
+            infos.append(info)
+            seconds += spent
+            arrays = _sample_arrays(x1, samples, sample)
+            if shown is None:
+                shown = [np.clip(arrays["x0"], -1, 1), samples, x1]
+            if writer is not None:
+                writer.append(**arrays)
+            if len(infos) * batch >= n:  # the last batch: the samples are kept first
+                record = _counts_of_batches(config, infos)
+                if batch < n:
+                    record["batch"] = batch
+                if writer is not None:
+                    writer.close(sampling=np.asarray(json.dumps(record)))
+                    evaluate.save_grid(stem + ".png", shown)
+            if setup is not None:
+                began = time.time()
+                _add_features(setup, stats, config, x1, samples, sample)
+                fid_seconds += time.time() - began
+    if setup is not None:
+        began = time.time()
+        record.update(fid_eval.distances(setup, stats.pop("truth", None), stats))
+        record.update(fid_images=n, fid_seconds=fid_seconds + time.time() - began)
+        if writer is not None:
+            npz_writer.replace_arrays(
+                stem + ".npz", sampling=np.asarray(json.dumps(record))
+            )
+    return record, seconds
+
+
+def _sample_arrays(x1, samples, sample) -> dict[str, np.ndarray]:
+    """A batch's arrays as ``launch.sample`` saves them."""
+    arrays = {
+        "x0": sample.x0,
+        "samples": samples,
+        "ground_truth": x1,
+        "mask": sample.mask,
+        "cond": sample.cond,
+        "labels": sample.labels,
+    }
+    return {name: np.asarray(v) for name, v in arrays.items() if v is not None}
 
 
 @input_errors.checks

@@ -486,6 +486,19 @@ def test_an_unwritable_cache_folder_turns_the_cache_off(tmp_path):
             "error: --seed must be an integer in [0, 2**32), got -3",
         ),
         (
+            "sample",
+            ("--batch=-2",),
+            {},
+            "error: --batch must be >= 0, got -2",
+        ),
+        (
+            "sample",
+            ("--batch=3", "--cpu_devices=2"),
+            {},
+            "error: --batch=3 must be 0 (all --num_samples at once) or a positive "
+            "multiple of the number of devices (2)",
+        ),
+        (
             "train",
             ("--num_processes=2",),
             {},

@@ -676,7 +676,7 @@ def _with_fid(config, path):
 
 
 def test_held_out_fid_accumulates_the_batches_of_a_key_per_batch(
-    main_job, inception_weights
+    main_job, inception_weights, tmp_path
 ):
     config, workdir, _ = main_job
     config = _with_fid(config, inception_weights)
@@ -717,6 +717,81 @@ def test_held_out_fid_accumulates_the_batches_of_a_key_per_batch(
     np.testing.assert_array_equal(samples, batches[0][1])
     np.testing.assert_array_equal(x0, batches[0][2].x0)
     assert not np.array_equal(batches[0][0], batches[1][0])  # other images
+
+    # launch.sample in batches keeps the same batches and measures the same FID.
+    stem = str(tmp_path / "s")
+    record, _ = pipeline.sample_held_out(
+        config, model, variables, mesh, setup, stem, 8, 4, seed=3
+    )
+    saved = np.load(stem + ".npz")
+    assert json.loads(str(saved["sampling"])) == record
+    assert record["batch"] == 4 and record["nfe_per_batch"] == [5, 5]
+    assert record["fid_images"] == 8 and record["fid_reference"] == "ground truth"
+    for name in ("fid_sample", "fid_mean_fill"):
+        assert record[name] == metrics[name], name
+    for name, c in (("ground_truth", 0), ("samples", 1)):
+        np.testing.assert_array_equal(
+            saved[name], np.concatenate([b[c] for b in batches])
+        )
+    for name in ("x0", "mask", "cond"):
+        parts = [np.asarray(getattr(b[2], name)) for b in batches]
+        np.testing.assert_array_equal(saved[name], np.concatenate(parts), name)
+    assert sorted(saved) == [
+        "cond",
+        "ground_truth",
+        "mask",
+        "samples",
+        "sampling",
+        "x0",
+    ]
+    # The picture shows the first batch; nothing else is left in the folder.
+    assert sorted(os.listdir(tmp_path)) == ["s.npz", "s.png"]
+    grid = str(tmp_path / "expected.png")
+    evaluate.save_grid(grid, [np.clip(x0, -1, 1), samples, x1])
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(stem + ".png")), np.asarray(Image.open(grid))
+    )
+
+
+def test_sampling_in_one_batch_draws_with_the_seed_itself(main_job, tmp_path):
+    config, workdir, _ = main_job
+    mesh = pipeline.sharding.make_mesh()
+    model, variables, _ = pipeline.load_variables(config, workdir, mesh, True)
+    x1, samples, sample, _, _ = pipeline.sample_test_images(
+        config, model, variables, mesh, 4, 5
+    )
+    stem = str(tmp_path / "one")
+    record, _ = pipeline.sample_held_out(
+        config, model, variables, mesh, None, stem, 4, 4, seed=5
+    )
+    saved = np.load(stem + ".npz")
+    np.testing.assert_array_equal(saved["samples"], samples)
+    np.testing.assert_array_equal(saved["x0"], sample.x0)
+    np.testing.assert_array_equal(saved["ground_truth"], x1)
+    assert record["nfe"] == 5 and json.loads(str(saved["sampling"])) == record
+    assert not {"batch", "nfe_per_batch", "fid_images"} & set(record)
+
+
+def test_sampling_stopped_between_batches_leaves_the_earlier_file(
+    main_job, tmp_path, monkeypatch
+):
+    config, workdir, _ = main_job
+    mesh = pipeline.sharding.make_mesh()
+    model, variables, _ = pipeline.load_variables(config, workdir, mesh, True)
+    stem = str(tmp_path / "s")
+    np.savez(stem + ".npz", samples=np.arange(3))
+    sample_test_images = pipeline.sample_test_images
+
+    def stopped_in_second_batch(config, model, variables, mesh, n, seed, start, key):
+        if start:
+            raise KeyboardInterrupt
+        return sample_test_images(config, model, variables, mesh, n, seed, start, key)
+
+    monkeypatch.setattr(pipeline, "sample_test_images", stopped_in_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.sample_held_out(config, model, variables, mesh, None, stem, 4, 2, 0)
+    np.testing.assert_array_equal(np.load(stem + ".npz")["samples"], np.arange(3))
+    assert os.listdir(tmp_path) == ["s.npz"]  # no parts, no picture
 
 
 @pytest.mark.slow  # compiles the sampler and the FID network in a launcher
