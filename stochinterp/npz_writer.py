@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import tempfile
 import zipfile
@@ -132,16 +133,17 @@ def _replacing(path: str):
     """An empty archive that replaces ``path`` in one step when the block
     ends without an error; an error removes it and leaves ``path`` alone."""
     folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    # Created as open() creates files (the umask applies, unlike mkstemp's 0600).
+    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
     try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with zipfile.ZipFile(tmp, "x", zipfile.ZIP_STORED, allowZip64=True) as archive:
             yield archive
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
 
 

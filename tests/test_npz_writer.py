@@ -24,6 +24,9 @@ def test_blocks_are_stacked_in_order_with_their_dtypes(tmp_path):
     np.testing.assert_array_equal(saved["labels"], labels)
     assert str(saved["record"]) == '{"nfe": 20}'
     assert os.listdir(tmp_path) == ["a.npz"]  # the parts are gone
+    # Permissions as np.savez's own files get them (the umask's).
+    np.savez(tmp_path / "b.npz", x=labels)
+    assert os.stat(path).st_mode == os.stat(tmp_path / "b.npz").st_mode
 
 
 def test_blocks_that_do_not_stack_are_named(tmp_path):
@@ -58,10 +61,12 @@ def test_replacing_an_array_keeps_the_others_bit_for_bit(tmp_path):
     path = str(tmp_path / "a.npz")
     values = np.random.default_rng(1).normal(size=(3, 5))
     np.savez(path, x=values, record=np.asarray("old"))
+    np.savez(tmp_path / "b.npz", x=values)
     replace_arrays(path, record=np.asarray("new"), extra=np.arange(2))
     saved = np.load(path)
     assert sorted(saved) == ["extra", "record", "x"]
     assert saved["x"].tobytes() == values.tobytes()
     assert str(saved["record"]) == "new"
+    assert os.stat(path).st_mode == os.stat(tmp_path / "b.npz").st_mode
     np.testing.assert_array_equal(saved["extra"], np.arange(2))
-    assert os.listdir(tmp_path) == ["a.npz"]
+    assert sorted(os.listdir(tmp_path)) == ["a.npz", "b.npz"]
