@@ -88,10 +88,12 @@ def frechet_distance(
 ) -> float:
     """Squared 2-Wasserstein distance between N(mean1, cov1) and N(mean2, cov2).
 
-    The trace of the matrix square root comes from eigenvalues of symmetric
-    matrices: tr((S_1 S_2)^1/2) = sum sqrt(eig(S_1^1/2 S_2 S_1^1/2)), which
-    holds for singular covariances too (fewer images than features):
-    eigenvalues within round-off of zero count as zero.
+    The trace of the matrix square root is the sum of the singular values of
+    S_2^1/2 S_1^1/2 (the square roots of the eigenvalues of
+    S_1^1/2 S_2 S_1^1/2), which holds for singular covariances too (fewer
+    images than features). The roots come from eigenvalues of S_1 and S_2,
+    those within round-off of zero counted as zero; the singular values keep
+    the small eigenvalues of the product that its own round-off would hide.
 
     Args:
       mean1, mean2: [dim].
@@ -115,12 +117,8 @@ def frechet_distance(
             "[d], [d, d] with one d >= 1"
         )
 
-    values, vectors = np.linalg.eigh(cov1)
-    check_covariance(cov1, "cov1", values)
-    check_covariance(cov2, "cov2")
-    root1 = (vectors * np.sqrt(_round_off_to_zero(values))) @ vectors.T
-    middle = root1 @ cov2 @ root1
-    cross = np.sqrt(_round_off_to_zero(np.linalg.eigvalsh((middle + middle.T) / 2)))
+    root1, root2 = _root(cov1, "cov1"), _root(cov2, "cov2")
+    cross = np.linalg.svd(root2 @ root1, compute_uv=False)
     distance = (
         np.sum(np.square(mean1 - mean2))
         + np.trace(cov1)
@@ -128,6 +126,13 @@ def frechet_distance(
         - 2 * np.sum(cross)
     )
     return float(max(distance, 0.0))
+
+
+def _root(cov: np.ndarray, name: str) -> np.ndarray:
+    """The symmetric square root of a checked covariance."""
+    values, vectors = np.linalg.eigh(cov)
+    check_covariance(cov, name, values)
+    return (vectors * np.sqrt(_round_off_to_zero(values))) @ vectors.T
 
 
 def _round_off_to_zero(eigenvalues: np.ndarray) -> np.ndarray:

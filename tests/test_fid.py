@@ -102,6 +102,24 @@ def test_frechet_distance_of_a_gaussian_to_itself_is_zero():
     assert fid.frechet_distance(mean, cov, mean, cov) == pytest.approx(0, abs=1e-9)
 
 
+def test_frechet_distance_keeps_the_small_eigenvalues_of_a_full_rank_covariance():
+    """Eigenvalues from 1e-7 to 10: FID(S, c^2 S) = (1 - c)^2 tr(S) exactly.
+
+    The product S^1/2 (c^2 S) S^1/2 has eigenvalues down to 1e-14, below its
+    own round-off floor; they count (the distance was 7e-5 too large without them)."""
+    rng = np.random.default_rng(21)
+    dim, c = 256, 1.1
+    rotation, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    values = np.exp(rng.uniform(np.log(1e-7), np.log(10.0), dim))
+    cov = (rotation * values) @ rotation.T
+    cov = (cov + cov.T) / 2
+    mean = np.zeros(dim)
+    exact = (1 - c) ** 2 * values.sum()
+    value = fid.frechet_distance(mean, cov, mean, c * c * cov)
+    assert value == pytest.approx(exact, rel=1e-9)
+    assert fid.frechet_distance(mean, cov, mean, cov) == pytest.approx(0, abs=1e-9)
+
+
 def test_sample_fid_of_two_gaussians_approaches_the_closed_form():
     rng = np.random.default_rng(4)
     dim, n = 3, 200_000
