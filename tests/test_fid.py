@@ -498,6 +498,38 @@ def test_a_weight_file_with_non_finite_values_is_refused(random_inception, tmp_p
         inception.load_weights(str(tmp_path / "nan.npz"))
 
 
+@pytest.mark.parametrize(
+    "name, value, words",
+    [
+        (
+            "Mixed_6c.branch1x1.bn.running_var",
+            np.full(192, -0.5, np.float32),
+            "holds a negative variance (-0.5)",
+        ),
+        (
+            "Mixed_6c.branch1x1.conv.weight",
+            np.full((192, 768, 1, 1), 1e39),
+            "holds values too large for float32 (largest magnitude 1e+39)",
+        ),
+        (
+            "Mixed_6c.branch1x1.bn.bias",
+            np.zeros(192, np.int8),
+            "is damaged or not an array of floating-point numbers (it holds int8)",
+        ),
+    ],
+)
+def test_a_weight_file_the_network_cannot_use_is_refused_when_read(
+    random_inception, tmp_path, name, value, words
+):
+    broken = dict(random_inception)
+    broken[name] = value
+    np.savez(tmp_path / "bad.npz", **broken)
+    with pytest.raises(
+        ValueError, match=re.escape(f"{name!r}") + ".*" + re.escape(words)
+    ):
+        inception.load_weights(str(tmp_path / "bad.npz"))
+
+
 def test_features_equal_pytorch_fid_on_the_same_weights(random_inception):
     """Against the PyTorch FID package (installed with the ``reference`` extra).
 

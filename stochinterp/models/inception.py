@@ -261,29 +261,37 @@ def load_weights(path: str) -> dict:
             "launch.convert_inception (see the README, FID)"
         )
     expected = variable_shapes()
-    arrays = read_arrays(path, expected, "Inception weight file", np.float32)
+    arrays = read_arrays(path, expected, "Inception weight file", np.float32, "f")
     for name, shape in expected.items():
         if arrays[name].shape != shape:
             raise ValueError(
                 f"weight {name!r} in {path!r} has shape {arrays[name].shape}, "
                 f"expected {shape}"
             )
+        if name.endswith("running_var") and np.any(arrays[name] < 0):
+            raise ValueError(
+                f"weight {name!r} in {path!r} holds a negative variance "
+                f"({arrays[name].min():.3g}); convert the weights again"
+            )
     return _to_variables(arrays)
 
 
-def read_arrays(path: str, names, what: str, dtype) -> dict[str, np.ndarray]:
+def read_arrays(
+    path: str, names, what: str, dtype, kinds: str = "fiu"
+) -> dict[str, np.ndarray]:
     """The named arrays of an ``.npz`` file, as finite real numbers of ``dtype``.
 
     Args:
       path: the file.
       names: the entries to read (others are ignored).
       what: what the file is, for the messages ("Inception weight file").
-      dtype: the type to return them in.
+      dtype: the type to return them in; each must be finite in it.
+      kinds: the numpy dtype kinds accepted ("f" floats, "i"/"u" integers).
 
     Raises:
       ValueError: naming the file, and the entry where one is at fault, when
         the file is not an ``.npz`` archive, lacks an entry, or an entry is
-        damaged, not numbers or not finite.
+        damaged, not numbers of those kinds, or not finite in ``dtype``.
     """
     try:
         stored = np.load(path, allow_pickle=False)
@@ -302,21 +310,31 @@ def read_arrays(path: str, names, what: str, dtype) -> dict[str, np.ndarray]:
                 f"arrays it needs, first {missing[:3]} (it holds "
                 f"{len(stored.files)}, first {sorted(stored.files)[:3]})"
             )
-        arrays = {name: _read_entry(stored, name, what, path) for name in names}
+        arrays = {name: _read_entry(stored, name, what, path, kinds) for name in names}
     for name, value in arrays.items():
         if not np.all(np.isfinite(value)):
             raise ValueError(f"{what} {path!r}: {name!r} holds non-finite values")
-    return {name: value.astype(dtype) for name, value in arrays.items()}
+        with np.errstate(over="ignore"):
+            arrays[name] = value.astype(dtype)
+        if not np.all(np.isfinite(arrays[name])):
+            raise ValueError(
+                f"{what} {path!r}: {name!r} holds values too large for "
+                f"{np.dtype(dtype).name} (largest magnitude "
+                f"{np.abs(value).max():.3g})"
+            )
+    return arrays
 
 
-def _read_entry(stored, name: str, what: str, path: str) -> np.ndarray:
+def _read_entry(stored, name: str, what: str, path: str, kinds: str) -> np.ndarray:
     try:
         value = stored[name]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         value = None
-    if value is None or value.dtype.kind not in "fiu":
+    if value is None or value.dtype.kind not in kinds:
+        numbers = "floating-point numbers" if kinds == "f" else "real numbers"
+        found = "" if value is None else f" (it holds {value.dtype})"
         raise ValueError(
-            f"{what} {path!r}: {name!r} is damaged or not an array of real numbers"
+            f"{what} {path!r}: {name!r} is damaged or not an array of {numbers}{found}"
         )
     return value
 
