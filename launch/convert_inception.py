@@ -15,7 +15,7 @@ place of ``--output``: a failed conversion leaves an existing file as it was.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 
 from absl import app, flags
 
@@ -63,16 +63,14 @@ def read_state_dict(path: str) -> dict:
 
 def convert(source: str, target: str) -> int:
     """Writes ``target`` from ``source`` once it loads; returns the tensor count."""
-    import numpy as np
-
+    from stochinterp import npz_writer
     from stochinterp.models import inception
 
     arrays = read_state_dict(source)
-    folder = os.path.dirname(os.path.abspath(target))
-    handle, temporary = tempfile.mkstemp(suffix=".npz", dir=folder)
+    folder, name = os.path.split(os.path.abspath(target))
+    temporary = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.npz")
     try:
-        with os.fdopen(handle, "wb") as f:
-            np.savez(f, **arrays)
+        npz_writer.save(temporary, **arrays)
         try:
             inception.load_weights(temporary)
         except ValueError as error:
@@ -102,6 +100,11 @@ def main(argv):
                 raise ValueError(f"--{name} is required")
         if not FLAGS.output.endswith(".npz"):
             raise ValueError(f"--output {FLAGS.output!r} must end in .npz")
+        if os.path.isdir(FLAGS.output):
+            raise ValueError(
+                f"--output {FLAGS.output!r} is a folder, expected the name of "
+                "the .npz file to write"
+            )
         if not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.output))):
             raise FileNotFoundError(
                 f"--output {FLAGS.output!r}: its folder does not exist"

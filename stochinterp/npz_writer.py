@@ -165,6 +165,13 @@ def _write_npz(path: str, rows, whole: dict) -> None:
             _put(archive, name, value)
 
 
+def save(path: str, **arrays) -> None:
+    """``np.savez(path, **arrays)`` that replaces ``path`` in one step."""
+    with _replacing(path) as archive:
+        for name, value in arrays.items():
+            _put(archive, name, value)
+
+
 def replace_arrays(path: str, **arrays) -> None:
     """Rewrites the ``.npz`` at ``path`` with ``arrays`` in place of (or
     beside) its arrays of those names, copying the others a chunk at a time;

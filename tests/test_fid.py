@@ -588,6 +588,43 @@ def test_the_converter_refuses_bad_paths_in_one_line(tmp_path):
     result = _convert(f"--input={absent}", f"--output={tmp_path / 'w.txt'}")
     assert "must end in .npz" in one_line_error(result)
     assert "--input is required" in one_line_error(_convert("--output=w.npz"))
+    (tmp_path / "folder.npz").mkdir()
+    (tmp_path / "w.pth").write_bytes(b"not read")
+    result = _convert(
+        f"--input={tmp_path / 'w.pth'}", f"--output={tmp_path}/folder.npz"
+    )
+    assert one_line_error(result) == (
+        f"error: --output '{tmp_path}/folder.npz' is a folder, expected the name "
+        "of the .npz file to write"
+    )
+
+
+def test_the_converted_file_replaces_the_output_whole_with_usual_permissions(
+    random_inception, tmp_path, monkeypatch
+):
+    from launch import convert_inception
+
+    monkeypatch.setattr(
+        convert_inception, "read_state_dict", lambda path: dict(random_inception)
+    )
+    out = str(tmp_path / "w.npz")
+    np.savez(out, old=np.arange(3))
+    assert convert_inception.convert("w.pth", out) == len(random_inception)
+    np.savez(tmp_path / "plain.npz", x=np.arange(3))
+    assert os.stat(out).st_mode == os.stat(tmp_path / "plain.npz").st_mode
+    assert sorted(os.listdir(tmp_path)) == ["plain.npz", "w.npz"]  # no leftovers
+    back = inception.to_arrays(inception.load_weights(out))
+    for name, value in back.items():
+        np.testing.assert_array_equal(value, random_inception[name], err_msg=name)
+
+    # A state dict that is not the network leaves the earlier file as it was.
+    broken = dict(random_inception)
+    del broken["Mixed_7c.branch_pool.bn.bias"]
+    monkeypatch.setattr(convert_inception, "read_state_dict", lambda path: broken)
+    with pytest.raises(ValueError, match="is not the FID Inception: it lacks 1"):
+        convert_inception.convert("w.pth", out)
+    assert inception.to_arrays(inception.load_weights(out)).keys() == back.keys()
+    assert sorted(os.listdir(tmp_path)) == ["plain.npz", "w.npz"]
 
 
 def test_the_converter_without_pytorch_says_how_to_get_it(tmp_path):
