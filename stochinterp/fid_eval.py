@@ -61,6 +61,7 @@ class FidSetup:
     extractor: fid.FeatureExtractor
     reference: tuple[np.ndarray, np.ndarray] | None
     reference_name: str
+    weights: str = ""
 
 
 @input_errors.checks
@@ -75,10 +76,22 @@ def load(config, mesh, num_images: int) -> FidSetup | None:
     extractor = fid.FeatureExtractor(
         config.eval.fid_weights, mesh, batch_size=config.eval.fid_batch
     )
-    path = config.eval.fid_reference
-    if path:
-        return FidSetup(extractor, fid.load_statistics(path), path)
-    return FidSetup(extractor, None, "ground truth")
+    path, weights = config.eval.fid_reference, config.eval.fid_weights
+    reference = fid.load_statistics(path) if path else None
+    return FidSetup(extractor, reference, files(config)["fid_reference"], weights)
+
+
+# The record's fields that name a run's FID files.
+FILE_FIELDS = ("fid_weights", "fid_reference")
+
+
+def files(config) -> dict:
+    """The FID files of a run as its records name them: ``fid_weights`` and
+    ``fid_reference`` (a statistics file or "ground truth"); None without FID."""
+    if not config.eval.fid_weights:
+        return dict.fromkeys(FILE_FIELDS)
+    reference = config.eval.fid_reference or "ground truth"
+    return dict(zip(FILE_FIELDS, (config.eval.fid_weights, reference), strict=True))
 
 
 def baselines(config, x1: np.ndarray, sample=None) -> dict:
@@ -130,7 +143,8 @@ def distances(
     """``fid_<name>`` of each set's statistics against the reference.
 
     The reference is ``setup.reference``, or ``truth``'s statistics when that
-    is None; ``fid_reference`` names it.
+    is None; ``fid_reference`` names it and ``fid_weights`` the network's
+    weight file.
     """
     if setup.reference is None:
         mu, sigma = truth.mean, truth.covariance
@@ -140,5 +154,5 @@ def distances(
         f"fid_{name}": fid.frechet_distance(stats.mean, stats.covariance, mu, sigma)
         for name, stats in image_sets.items()
     }
-    metrics["fid_reference"] = setup.reference_name
+    metrics.update(fid_reference=setup.reference_name, fid_weights=setup.weights)
     return metrics

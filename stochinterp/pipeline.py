@@ -272,10 +272,10 @@ def _settings_record(config) -> dict:
 
 
 def _recorded_settings(path: str) -> dict | None:
-    """The sampler settings recorded in an earlier output file, or None.
+    """The sampler settings and FID files an earlier output file records.
 
-    JSON files hold it at the top level, ``.npz`` files as JSON text under
-    ``sampling``. An unreadable file gives None: it is replaced anyway.
+    JSON files hold its record at the top level, ``.npz`` files as JSON text
+    under ``sampling``. An unreadable file gives None: it is replaced anyway.
     """
     try:
         if path.endswith(".npz"):
@@ -284,7 +284,8 @@ def _recorded_settings(path: str) -> dict | None:
         else:
             with open(path) as f:
                 record = json.load(f)
-        return record["sampler_settings"]
+        files = {name: record.get(name) for name in fid_eval.FILE_FIELDS}
+        return {**record["sampler_settings"], **files}
     except (
         OSError,
         ValueError,
@@ -297,20 +298,21 @@ def _recorded_settings(path: str) -> dict | None:
 
 
 def warn_if_replacing(path: str, config) -> None:
-    """Warns when ``path`` was written with other sampler settings.
+    """Warns when ``path`` was written with other sampler settings or FID files.
 
     Output names tell checkpoints, weights, guidance scales, splits, counts,
-    seeds and tags apart, but not the sampler's own settings (steps, tolerances,
-    noise schedule): a run that changes only those replaces the earlier
-    file, and the warning names what changed and the ``--tag`` that keeps
-    both.
+    seeds and tags apart, but not the sampler's own settings (steps,
+    tolerances, noise schedule) nor the FID weights and reference: a run that
+    changes only those replaces the earlier file, and the warning names what
+    changed and the ``--tag`` that keeps both.
     """
     if jax.process_index() != 0:
         return
     before = _recorded_settings(path)
     if not isinstance(before, dict):
         return
-    after = json.loads(json.dumps(_settings_record(config)["sampler_settings"]))
+    settings = _settings_record(config)["sampler_settings"]
+    after = json.loads(json.dumps({**settings, **fid_eval.files(config)}))
     changed = [
         f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
         for key in sorted(set(before) | set(after))
@@ -318,8 +320,7 @@ def warn_if_replacing(path: str, config) -> None:
     ]
     if changed:
         log.warning(
-            "replacing %s, written with other sampler settings (%s); pass --tag "
-            "to keep both",
+            "replacing %s, written with other settings (%s); pass --tag to keep both",
             path,
             ", ".join(changed),
         )

@@ -510,7 +510,7 @@ def test_output_names_tell_the_settings_apart():
         assert name == "heun_step7_raw_w0.0_n16_seed0"
 
 
-def test_replacing_an_output_of_other_sampler_settings_warns(tmp_path, caplog):
+def test_replacing_an_output_of_other_sampler_or_fid_settings_warns(tmp_path, caplog):
     config = inpaint_photos16.get_config()  # Euler, 20 steps
     settings = dict(method="euler", num_steps=20, t_min=0.0, t_max=1.0)
     record = {"sampler": "euler", "sampler_settings": settings, "nfe": 20}
@@ -532,8 +532,27 @@ def test_replacing_an_output_of_other_sampler_settings_warns(tmp_path, caplog):
         pipeline.warn_if_replacing(other_npz, config)
     changes = "(num_steps: 40 -> 20, t_max: 0.99 -> 1.0); pass --tag to keep both"
     assert caplog.messages == [
-        f"replacing {path}, written with other sampler settings {changes}"
+        f"replacing {path}, written with other settings {changes}"
         for path in (other_json, other_npz)
+    ]
+
+    # FID of other weights or against another reference, or none.
+    settings.update(num_steps=20, t_max=1.0)
+    fid_json = tmp_path / "fid.json"
+    fid_json.write_text(
+        json.dumps({**record, "fid_weights": "a.npz", "fid_reference": "ground truth"})
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stochinterp.pipeline"):
+        for weights, reference in (("a.npz", ""), ("b.npz", ""), ("a.npz", "s.npz")):
+            config.eval.fid_weights, config.eval.fid_reference = weights, reference
+            pipeline.warn_if_replacing(str(fid_json), config)
+        config.eval.fid_weights, config.eval.fid_reference = "", ""
+        pipeline.warn_if_replacing(str(fid_json), config)
+    assert [m.split("(")[1].split(")")[0] for m in caplog.messages] == [
+        "fid_weights: 'a.npz' -> 'b.npz'",
+        "fid_reference: 'ground truth' -> 's.npz'",
+        "fid_reference: 'ground truth' -> None, fid_weights: 'a.npz' -> None",
     ]
 
 
@@ -727,6 +746,7 @@ def test_held_out_fid_accumulates_the_batches_of_a_key_per_batch(
     assert json.loads(str(saved["sampling"])) == record
     assert record["batch"] == 4 and record["nfe_per_batch"] == [5, 5]
     assert record["fid_images"] == 8 and record["fid_reference"] == "ground truth"
+    assert record["fid_weights"] == inception_weights
     for name in ("fid_sample", "fid_mean_fill"):
         assert record[name] == metrics[name], name
     for name, c in (("ground_truth", 0), ("samples", 1)):
