@@ -337,19 +337,27 @@ class _StoredJpegs(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self):
         for i in range(5):
-            yield i, {"image": _jpeg_bytes(i), "label": i % 3, "file_name": f"{i}.JPEG"}
+            image = _jpeg_bytes(i)[: 100 if i == self.damaged else None]
+            yield i, {"image": image, "label": i % 3, "file_name": f"{i}.JPEG"}
+
+    damaged = None
 
 
-def test_imagenet2012_prepared_copy_is_cropped_on_the_fly(tmp_path):
+def _prepared_imagenet2012(tmp_path, damaged=None):
     made = _StoredJpegs(data_dir=str(tmp_path / "build"), file_format="array_record")
+    made.damaged = damaged
     made.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False)
     )
     (tmp_path / "imagenet2012").mkdir()
     shutil.move(made.data_dir, tmp_path / "imagenet2012" / "5.1.0")
-    config = ConfigDict(
+    return ConfigDict(
         {"name": "imagenet2012", "image_size": 16, "data_dir": str(tmp_path)}
     )
+
+
+def test_imagenet2012_prepared_copy_is_cropped_on_the_fly(tmp_path):
+    config = _prepared_imagenet2012(tmp_path)
     info = data.dataset_info(config)
     assert info.split_sizes == {"train": 5, "validation": 5}
     source, _ = data.data_source(config, "validation")
@@ -360,6 +368,36 @@ def test_imagenet2012_prepared_copy_is_cropped_on_the_fly(tmp_path):
     assert got["image"].shape == (2, 16, 16, 3)
     np.testing.assert_array_equal(got["image"][0], want)
     assert got["label"][0] == first % 3
+
+
+def test_a_damaged_imagenet2012_copy_is_named_in_one_line(tmp_path):
+    config = _prepared_imagenet2012(tmp_path, damaged=3)  # a truncated JPEG
+    source, _ = data.data_source(config, "validation")
+    where = [int(source[i]["file_name"].decode()[0]) for i in range(5)].index(3)
+    if where:
+        data.eval_examples(config, n=where)  # the images before it decode
+    with pytest.raises(ValueError) as raised:
+        data.eval_examples(config, n=1, start=where)
+    message = str(raised.value)
+    assert input_errors.is_input_error(raised.value) and "\n" not in message
+    assert message.startswith("cannot decode stored image '3.JPEG'")
+    assert message.endswith(
+        "in the prepared imagenet2012: prepare it again or point data.data_dir "
+        "at a good copy"
+    )
+
+    # A split without its files is named when the dataset is opened.
+    folder = tmp_path / "imagenet2012" / "5.1.0"
+    shard = next(folder.glob("*validation.array_record*"))
+    shard.unlink()
+    with pytest.raises(FileNotFoundError) as raised:
+        data.dataset_info(config)
+    assert input_errors.is_input_error(raised.value)
+    assert str(raised.value) == (
+        f"imagenet2012 in '{folder}' lacks 1 of the 1 files of its 'validation' "
+        f"split, first '{shard}': prepare it again or point data.data_dir at a "
+        "complete copy"
+    )
 
 
 def _two_classes(root, rng):

@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from stochinterp import input_errors
 from stochinterp.data import (
     digits,
     imagenet,
@@ -180,7 +181,15 @@ def _decode_imagenet2012(record: dict[str, Any], size: int) -> tuple[np.ndarray,
     if isinstance(image, bytes | np.bytes_):
         name = record.get("file_name", b"<imagenet2012 record>")
         name = name.decode() if isinstance(name, bytes) else str(name)
-        image = transforms.decode_image_bytes(bytes(image), size, name)
+        try:
+            image = transforms.decode_image_bytes(bytes(image), size, name)
+        except ValueError as error:  # a damaged copy: no traceback needed
+            raise input_errors.mark(
+                ValueError(
+                    f"{error} in the prepared imagenet2012: prepare it again or "
+                    "point data.data_dir at a good copy"
+                )
+            ) from error
     return image, int(record["label"])
 
 

@@ -443,6 +443,7 @@ def imagenet2012_builder(data_dir: str) -> tfds.core.DatasetBuilder:
       FileNotFoundError: no prepared copy; the message says how to make one.
       ValueError: the prepared copy is not in the array_record format, or its
         metadata cannot be read (an input error, ``stochinterp.input_errors``).
+      FileNotFoundError: a split lacks some of its files (an input error).
     """
     root = os.path.join(data_dir, "imagenet2012")
     versions = []
@@ -473,6 +474,17 @@ def imagenet2012_builder(data_dir: str) -> tfds.core.DatasetBuilder:
             "convert_format --dataset_dir=... --out_file_format=array_record` "
             "or prepare it again with --file_format=array_record"
         )
+    for split, info in builder.info.splits.items():
+        missing = [str(path) for path in info.filepaths if not os.path.isfile(path)]
+        if missing:
+            raise input_errors.mark(
+                FileNotFoundError(
+                    f"imagenet2012 in {builder.data_dir!r} lacks {len(missing)} of "
+                    f"the {info.num_shards} files of its {split!r} split, first "
+                    f"{missing[0]!r}: prepare it again or point data.data_dir at "
+                    "a complete copy"
+                )
+            )
     return builder
 
 
