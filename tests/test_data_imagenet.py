@@ -442,6 +442,47 @@ def test_val_with_class_folders_and_flat_images_is_refused(tmp_path):
     assert f"'{val / CLASSES[0]}'" in message and f"'{val / 'val_3.JPEG'}'" in message
 
 
+def test_val_labels_read_with_a_byte_order_mark_dotted_names_and_conflicts(
+    tmp_path, caplog
+):
+    rng = np.random.default_rng(8)
+    _two_classes(tmp_path, rng)
+    val = tmp_path / "val"
+    val.mkdir()
+    for name in ("img.v2.JPEG", "plain.png", "b.jpg"):
+        Image.fromarray(_random_rgb(rng, 20, 20)).save(val / name)
+    # Names with or without their image extension (even another one), a
+    # name holding a dot, a byte order mark as Windows editors write it.
+    lines = [f"img.v2 {CLASSES[1]}", f"plain.JPEG {CLASSES[0]}", f"b.jpg {CLASSES[1]}"]
+    labels = tmp_path / "val_labels.txt"
+    labels.write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")
+    (val / "val_labels.txt").write_text("ignored n00000000\n")
+    with caplog.at_level("INFO", logger="absl"):
+        files = imagenet.scan_validation(str(tmp_path), list(CLASSES[:2]))
+    assert sorted(files) == [
+        (str(val / "b.jpg"), 1),
+        (str(val / "img.v2.JPEG"), 1),
+        (str(val / "plain.png"), 0),
+    ]
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"Validation labels from {labels}" in messages
+    assert (
+        f"Validation labels are read from {labels} only; not read: "
+        f"{val / 'val_labels.txt'}"
+    ) in messages
+
+    # The same image given two classes is refused; the same class twice is not.
+    labels.write_text(
+        "\n".join([*lines, f"b {CLASSES[1]}", f"img.v2.JPEG {CLASSES[0]}"])
+    )
+    with pytest.raises(ValueError) as raised:
+        imagenet.scan_validation(str(tmp_path), list(CLASSES[:2]))
+    assert str(raised.value) == (
+        f"{labels}, line 5: 'img.v2.JPEG' has the class '{CLASSES[0]}', but line 1 "
+        f"gives it '{CLASSES[1]}'; keep one"
+    )
+
+
 def test_skipped_entries_in_val_class_folders_are_counted(tmp_path, caplog):
     rng = np.random.default_rng(6)
     _two_classes(tmp_path, rng)

@@ -25,7 +25,9 @@ in ``source_dir`` and then in ``source_dir/val``:
   class name, e.g. ``ILSVRC2012_val_00008726,n02119789 255 142 454 329 ...``;
 * ``val_labels.txt``: one ``<file name> <class name>`` pair per line.
 
-File names in a labels file may omit the extension. ``val/`` may be missing
+File names in a labels file may omit the image extension; the first file
+found is read (the others are named in a warning), and an image given two
+classes is an error. ``val/`` may be missing
 (only ``train`` is then built); ``validation`` is the split name, as in TFDS.
 
 Every image goes through ``transforms.center_crop_adm`` (halve with a box
@@ -210,22 +212,45 @@ def scan_train(source_dir: str) -> tuple[list[str], list[tuple[str, int]]]:
 
 
 def _find_val_labels(source_dir: str) -> str | None:
-    for folder in (source_dir, os.path.join(source_dir, "val")):
-        for name in VAL_LABEL_FILES:
-            path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                return path
-    return None
+    """The first labels file found (``source_dir`` first, then ``val/``);
+    logs which it is, and warns of others that are not read."""
+    found = [
+        os.path.join(folder, name)
+        for folder in (source_dir, os.path.join(source_dir, "val"))
+        for name in VAL_LABEL_FILES
+        if os.path.isfile(os.path.join(folder, name))
+    ]
+    if not found:
+        return None
+    logging.info("Validation labels from %s", found[0])
+    if len(found) > 1:
+        logging.warning(
+            "Validation labels are read from %s only; not read: %s",
+            found[0],
+            ", ".join(found[1:]),
+        )
+    return found[0]
+
+
+def _label_key(name: str) -> str:
+    """A validation image's name without its image extension, if it has one."""
+    stem, extension = os.path.splitext(name)
+    return stem if extension.lower() in IMAGE_EXTENSIONS else name
 
 
 def read_val_labels(path: str) -> dict[str, str]:
-    """Reads a validation labels file into ``{file stem: class name}``.
+    """Reads a validation labels file into ``{file name: class name}``.
+
+    File names are kept without an image extension (``.JPEG``, ``.jpg``,
+    ``.jpeg``, ``.png``, any case) when they have one. A byte order mark at
+    the start of the file is skipped.
 
     Raises:
-      ValueError: a line does not parse; the message gives file and line.
+      ValueError: a line does not parse, or an image is given two classes; the
+        message gives file and line.
     """
-    labels = {}
-    with open(path, newline="") as f:
+    labels, lines = {}, {}
+    with open(path, newline="", encoding="utf-8-sig") as f:
         if path.endswith(".csv"):
             rows = list(csv.reader(f))[1:]
             first_line = 2
@@ -243,7 +268,13 @@ def read_val_labels(path: str) -> dict[str, str]:
                     "expected '<file name> <class name>' (or ImageId,PredictionString "
                     "rows in LOC_val_solution.csv)"
                 )
-            labels[os.path.splitext(image)[0]] = rest[0]
+            key = _label_key(image)
+            if labels.get(key, rest[0]) != rest[0]:
+                raise ValueError(
+                    f"{path}, line {number}: {image!r} has the class {rest[0]!r}, "
+                    f"but line {lines[key]} gives it {labels[key]!r}; keep one"
+                )
+            labels[key], lines[key] = rest[0], lines.get(key, number)
     return labels
 
 
@@ -304,7 +335,7 @@ def _flat_validation(
     labels = read_val_labels(labels_path)
     files = []
     for image in images:
-        name = labels.get(os.path.splitext(image)[0])
+        name = labels.get(_label_key(image))
         if name is None:
             raise ValueError(
                 f"validation image {os.path.join(val, image)!r} has no entry in "
