@@ -20,7 +20,7 @@ import os
 import jax
 import numpy as np
 
-from stochinterp import sharding
+from stochinterp import npz_writer, sharding
 from stochinterp.models import inception
 
 
@@ -177,8 +177,11 @@ def fid_from_statistics(a: FeatureStatistics, b: FeatureStatistics) -> float:
 
 
 def save_statistics(path: str, stats: FeatureStatistics) -> None:
-    """Writes ``mu``, ``sigma`` (the fitted Gaussian) and ``count`` to ``.npz``."""
-    np.savez(path, mu=stats.mean, sigma=stats.covariance, count=stats.count)
+    """Writes ``mu``, ``sigma`` (the fitted Gaussian) and ``count`` to ``path``,
+    an ``.npz`` name (numpy would add the extension to any other), in one step."""
+    if not os.fspath(path).endswith(".npz"):
+        raise ValueError(f"FID statistics path {path!r} must end in .npz")
+    npz_writer.save(path, mu=stats.mean, sigma=stats.covariance, count=stats.count)
 
 
 def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:

@@ -214,6 +214,8 @@ def test_saved_statistics_hold_mean_covariance_and_count(tmp_path):
         np.testing.assert_allclose(saved["mu"], [2.0, 4.0])
         np.testing.assert_allclose(saved["sigma"], [[4.0, 7.0], [7.0, 13.0]])
         assert int(saved["count"]) == 3
+    with pytest.raises(ValueError, match="'stats' must end in .npz"):
+        fid.save_statistics("stats", stats)  # numpy would write stats.npz
 
 
 # The Inception network.
