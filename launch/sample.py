@@ -55,8 +55,8 @@ _FID_SETS = ("fid_sample", "fid_upsampled", "fid_mean_fill")
 
 
 def main(argv):
-    for flag in ("num_samples", "batch"):
-        value, least = getattr(FLAGS, flag), 1 if flag == "num_samples" else 0
+    for flag, least in (("num_samples", 1), ("batch", 0)):
+        value = getattr(FLAGS, flag)
         if value < least:
             raise SystemExit(f"error: --{flag} must be >= {least}, got {value}")
     _common.check_tag(FLAGS.tag)
