@@ -400,10 +400,12 @@ def _sampled_batches(config, model, variables, mesh, n, batch, seed, fold, what)
     ``jax.random.fold_in(jax.random.key(seed), c)`` when ``fold``, else with
     ``jax.random.key(seed)`` (one batch). A last batch of another size
     compiles the sampler once more. Logs progress, naming ``what``, after
-    each batch when there are several.
+    each batch when there are several (the time left from the batches after
+    the first, whose time includes compiling, once there are some).
     """
     key = jax.random.key(seed)
     began = time.time()
+    first = None  # (time, images) after the first batch, which compiles
     for index, start in enumerate(range(0, n, batch)):
         size = min(batch, n - start)
         draws = jax.random.fold_in(key, index) if fold else key
@@ -411,14 +413,16 @@ def _sampled_batches(config, model, variables, mesh, n, batch, seed, fold, what)
             config, model, variables, mesh, size, seed, start, draws
         )
         if fold:
-            seconds = time.time() - began
+            now, done = time.time(), start + size
+            since, images = first or (began, 0)
+            first = first or (now, done)
             log.info(
                 "%s: %d of %d images, %.0f s, about %.0f s left",
                 what,
-                start + size,
+                done,
                 n,
-                seconds,
-                seconds * (n - start - size) / (start + size),
+                now - began,
+                (now - since) * (n - done) / max(done - images, 1),
             )
 
 
