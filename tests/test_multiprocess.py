@@ -156,7 +156,8 @@ def _sample_command(workdir, root, *args):
 def test_two_processes_sample_the_whole_batch_like_one(two_processes, root, tmp_path):
     """Each process gathers the samples split over both processes' devices.
 
-    FID is measured too: its network runs over both processes' devices.
+    In two batches; FID is measured too: its network runs over both
+    processes' devices.
     """
     weights = _inception.write_random_weights(str(tmp_path / "inception.npz"))
     workdir, _ = two_processes
@@ -170,7 +171,7 @@ def test_two_processes_sample_the_whole_batch_like_one(two_processes, root, tmp_
     processes = [
         subprocess.Popen(
             [
-                *_sample_command(workdir, root, "--num_samples=4"),
+                *_sample_command(workdir, root, "--num_samples=4", "--batch=2"),
                 *flags,
                 f"--process_id={i}",
             ],
@@ -192,6 +193,7 @@ def test_two_processes_sample_the_whole_batch_like_one(two_processes, root, tmp_
             workdir,
             root,
             "--num_samples=4",
+            "--batch=2",
             "--tag=one",
             f"--config.eval.fid_weights={weights}",
         ),
@@ -218,3 +220,4 @@ def test_two_processes_sample_the_whole_batch_like_one(two_processes, root, tmp_
     assert "fid_upsampled" not in records[0]  # super-resolution only
     assert records[0]["fid_mean_fill"] > 0  # the in-painting baseline
     assert fids[0] == pytest.approx(fids[1], rel=1e-3)
+    assert records[0]["nfe_per_batch"] == records[1]["nfe_per_batch"] == [20, 20]
