@@ -91,9 +91,11 @@ def frechet_distance(
     The trace of the matrix square root is the sum of the singular values of
     S_2^1/2 S_1^1/2 (the square roots of the eigenvalues of
     S_1^1/2 S_2 S_1^1/2), which holds for singular covariances too (fewer
-    images than features). The roots come from eigenvalues of S_1 and S_2,
-    those within round-off of zero counted as zero; the singular values keep
-    the small eigenvalues of the product that its own round-off would hide.
+    images than features). With S_i^1/2 = Q_i D_i Q_i^T from the eigenvalues
+    of S_i, those within round-off of zero counted as zero and dropped, they
+    are the singular values of the small matrix D_2 Q_2^T Q_1 D_1 (rank x
+    rank). Singular values keep the small eigenvalues of the product that its
+    own round-off would hide.
 
     Args:
       mean1, mean2: [dim].
@@ -117,8 +119,8 @@ def frechet_distance(
             "[d], [d, d] with one d >= 1"
         )
 
-    root1, root2 = _root(cov1, "cov1"), _root(cov2, "cov2")
-    cross = np.linalg.svd(root2 @ root1, compute_uv=False)
+    (q1, d1), (q2, d2) = _root_factors(cov1, "cov1"), _root_factors(cov2, "cov2")
+    cross = np.linalg.svd(d2[:, None] * (q2.T @ q1) * d1, compute_uv=False)
     distance = (
         np.sum(np.square(mean1 - mean2))
         + np.trace(cov1)
@@ -128,11 +130,14 @@ def frechet_distance(
     return float(max(distance, 0.0))
 
 
-def _root(cov: np.ndarray, name: str) -> np.ndarray:
-    """The symmetric square root of a checked covariance."""
+def _root_factors(cov: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(q [dim, rank], d [rank]) with cov^1/2 = q diag(d) q^T, over the
+    eigenvalues of the checked ``cov`` above round-off."""
     values, vectors = np.linalg.eigh(cov)
     check_covariance(cov, name, values)
-    return (vectors * np.sqrt(_round_off_to_zero(values))) @ vectors.T
+    values = _round_off_to_zero(values)
+    kept = values > 0
+    return vectors[:, kept], np.sqrt(values[kept])
 
 
 def _round_off_to_zero(eigenvalues: np.ndarray) -> np.ndarray:
