@@ -185,7 +185,7 @@ def save_statistics(path: str, stats: FeatureStatistics) -> None:
     """Writes ``mu``, ``sigma`` (the fitted Gaussian) and ``count`` to ``path``,
     an ``.npz`` name (numpy would add the extension to any other), in one step."""
     if not os.fspath(path).endswith(".npz"):
-        raise ValueError(f"FID statistics path {path!r} must end in .npz")
+        raise ValueError(f"FID statistics path {os.fspath(path)!r} must end in .npz")
     npz_writer.save(path, mu=stats.mean, sigma=stats.covariance, count=stats.count)
 
 

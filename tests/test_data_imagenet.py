@@ -225,6 +225,23 @@ def test_kaggle_solution_csv_and_class_folders(tmp_path):
     ]
 
 
+def test_labels_files_give_line_numbers_of_the_file(tmp_path):
+    csv_path = tmp_path / "LOC_val_solution.csv"
+    csv_path.write_text("ImageId,PredictionString\nILSVRC_1,n1 1 2 3 4\n")
+    assert imagenet.read_val_labels(str(csv_path)) == {"ILSVRC_1": "n1"}
+    csv_path.write_text("ImageId,PredictionString\na.JPEG,n1 0 0 1 1\na,n2 0 0 1 1\n")
+    with pytest.raises(
+        ValueError, match=r"line 3: 'a' has the class 'n2', but line 2 "
+    ):
+        imagenet.read_val_labels(str(csv_path))
+    text = tmp_path / "val_labels.txt"
+    text.write_text("img n1\nimg.JPEG n1\nimg.png n2\n")
+    with pytest.raises(ValueError, match=r"line 3: 'img.png' has the class 'n2', but "):
+        imagenet.read_val_labels(str(text))
+    with pytest.raises(ValueError, match="but line 1 gives it 'n1'; keep one"):
+        imagenet.read_val_labels(str(text))
+
+
 def test_missing_and_empty_source_dir(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(ValueError, match="source_dir=.*nowhere' is not a folder"):
@@ -358,6 +375,13 @@ def _prepared_imagenet2012(tmp_path, damaged=None):
 
 def test_imagenet2012_prepared_copy_is_cropped_on_the_fly(tmp_path):
     config = _prepared_imagenet2012(tmp_path)
+    # Older versions beside it (one damaged) are not read: the newest is,
+    # in version order (5.1.0 after 5.0.10, not as text).
+    for old in ("5.0.0", "5.0.10"):
+        (tmp_path / "imagenet2012" / old).mkdir()
+        (tmp_path / "imagenet2012" / old / "dataset_info.json").write_text("{")
+    built = data.builder(config)
+    assert built.data_dir.endswith("5.1.0")
     info = data.dataset_info(config)
     assert info.split_sizes == {"train": 5, "validation": 5}
     source, _ = data.data_source(config, "validation")

@@ -95,6 +95,22 @@ def test_frechet_distance_is_unchanged_by_a_common_rotation_and_shift():
     assert moved == pytest.approx(fid.frechet_distance(mean1, cov1, mean2, cov2))
 
 
+def test_frechet_distance_is_never_negative_and_takes_integers():
+    for seed in range(10):  # round-off takes some of these below zero
+        rng = np.random.default_rng(seed)
+        cov, mean = _random_cov(rng, 6), rng.normal(size=6)
+        assert fid.frechet_distance(mean, cov, mean, cov) >= 0
+    assert fid.frechet_distance([1], [[4]], [-2], [[1]]) == 10.0
+
+
+def test_only_eigenvalues_within_round_off_of_zero_are_dropped():
+    # The floor is dim * eps * the largest: 100 * 2.2e-16 here.
+    values = np.r_[1.0, np.full(99, 1e-15), np.full(100, 1e-13)]
+    kept = fid._round_off_to_zero(values)
+    assert np.count_nonzero(kept) == 101
+    np.testing.assert_array_equal(kept[100:], values[100:])
+
+
 def test_frechet_distance_of_a_gaussian_to_itself_is_zero():
     rng = np.random.default_rng(3)
     cov = _random_cov(rng, 40, rank=10)  # singular, as with few images
@@ -152,6 +168,7 @@ def test_fid_of_few_images_does_not_depend_on_the_order_of_the_sums():
     parts.update(first[4:])
     other.update(second)
     distance = fid.fid_from_statistics(whole, other)
+    assert len(fid._root_factors(whole.covariance, "whole")[1]) == 7
     # Without the round-off floor: 1.4e-10 and 2.0e-10 apart.
     assert fid.fid_from_statistics(parts, other) == pytest.approx(distance, rel=1e-12)
     assert fid.fid_from_statistics(other, whole) == pytest.approx(distance, rel=1e-12)
@@ -214,8 +231,9 @@ def test_saved_statistics_hold_mean_covariance_and_count(tmp_path):
         np.testing.assert_allclose(saved["mu"], [2.0, 4.0])
         np.testing.assert_allclose(saved["sigma"], [[4.0, 7.0], [7.0, 13.0]])
         assert int(saved["count"]) == 3
-    with pytest.raises(ValueError, match="'stats' must end in .npz"):
-        fid.save_statistics("stats", stats)  # numpy would write stats.npz
+    with pytest.raises(ValueError, match="stats' must end in .npz"):
+        fid.save_statistics(tmp_path / "stats", stats)  # numpy would add .npz
+    assert sorted(os.listdir(tmp_path)) == ["s.npz"]
 
 
 # The Inception network.
@@ -500,6 +518,15 @@ def test_a_weight_file_with_non_finite_values_is_refused(random_inception, tmp_p
         inception.load_weights(str(tmp_path / "nan.npz"))
 
 
+def test_a_zero_running_variance_is_a_usable_weight(random_inception, tmp_path):
+    weights = dict(random_inception)
+    weights["Mixed_6c.branch1x1.bn.running_var"] = np.zeros(192, np.float32)
+    np.savez(tmp_path / "zero.npz", **weights)
+    variables = inception.load_weights(str(tmp_path / "zero.npz"))
+    stats = variables["batch_stats"]["Mixed_6c"]["branch1x1"]["bn"]
+    np.testing.assert_array_equal(stats["var"], np.zeros(192))
+
+
 @pytest.mark.parametrize(
     "name, value, words",
     [
@@ -590,6 +617,10 @@ def test_the_converter_refuses_bad_paths_in_one_line(tmp_path):
     result = _convert(f"--input={absent}", f"--output={tmp_path / 'w.txt'}")
     assert "must end in .npz" in one_line_error(result)
     assert "--input is required" in one_line_error(_convert("--output=w.npz"))
+    result = _convert(f"--input={absent}", f"--output={tmp_path}/absent/w.npz")
+    assert one_line_error(result) == (
+        f"error: --output '{tmp_path}/absent/w.npz': its folder does not exist"
+    )
     (tmp_path / "folder.npz").mkdir()
     (tmp_path / "w.pth").write_bytes(b"not read")
     result = _convert(

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from stochinterp.npz_writer import NpzWriter, replace_arrays
+from stochinterp.npz_writer import NpzWriter, replace_arrays, save
 
 
 def test_blocks_are_stacked_in_order_with_their_dtypes(tmp_path):
@@ -70,3 +70,14 @@ def test_replacing_an_array_keeps_the_others_bit_for_bit(tmp_path):
     assert os.stat(path).st_mode == os.stat(tmp_path / "b.npz").st_mode
     np.testing.assert_array_equal(saved["extra"], np.arange(2))
     assert sorted(os.listdir(tmp_path)) == ["a.npz", "b.npz"]
+
+
+def test_a_failing_write_leaves_the_earlier_file_and_no_temporary(tmp_path):
+    path = str(tmp_path / "a.npz")
+    np.savez(path, x=np.arange(4))
+    objects = np.array([None], dtype=object)  # not written without pickles
+    for write in (save, replace_arrays):
+        with pytest.raises(ValueError, match="allow_pickle"):
+            write(path, y=objects)
+        np.testing.assert_array_equal(np.load(path)["x"], np.arange(4))
+        assert os.listdir(tmp_path) == ["a.npz"]

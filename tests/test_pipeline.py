@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import signal
+import types
 
 import _inception
 import jax
@@ -235,6 +236,22 @@ def test_evaluation_in_one_batch_draws_with_the_seed_itself(main_job, tmp_path):
             assert metrics[name] == value, (batch, name)
 
 
+def test_the_time_left_leaves_out_the_first_batch_which_compiles(monkeypatch, caplog):
+    clock = iter([0.0, 100.0, 110.0, 120.0])  # the first batch takes 100 s
+    monkeypatch.setattr(
+        pipeline, "time", types.SimpleNamespace(time=lambda: next(clock))
+    )
+    monkeypatch.setattr(pipeline, "sample_test_images", lambda *args: None)
+    with caplog.at_level("INFO", logger="stochinterp.pipeline"):
+        batches = pipeline._sampled_batches(None, None, None, None, 12, 4, 0, True, "x")
+        assert list(batches) == [None] * 3
+    assert caplog.messages == [
+        "x: 4 of 12 images, 100 s, about 200 s left",
+        "x: 8 of 12 images, 110 s, about 10 s left",
+        "x: 12 of 12 images, 120 s, about 0 s left",
+    ]
+
+
 def test_the_record_of_several_batches_keeps_the_most_calls_and_steps():
     config = tiny_config("unused")
 
@@ -447,9 +464,15 @@ def test_sampling_outputs_of_other_settings_are_kept_apart(main_job):
     # The training run's own picture is not replaced.
     assert os.path.exists(os.path.join(workdir, "samples", "inpaint.png"))
 
-    for seed in ("1", "2"):
+    for seed in ("1", "2"):  # a batch above the count samples all at once
         sampled = _launch(
-            "sample", config, workdir, "--num_samples=4", f"--seed={seed}", "--tag=a"
+            "sample",
+            config,
+            workdir,
+            "--num_samples=4",
+            f"--seed={seed}",
+            "--tag=a",
+            f"--batch={4 * (int(seed) - 1)}",
         )
         assert sampled.returncode == 0, sampled.stderr[-2000:]
     first, second = (
@@ -460,6 +483,7 @@ def test_sampling_outputs_of_other_settings_are_kept_apart(main_job):
     )
     record = json.loads(str(first["sampling"]))
     assert record["sampler_settings"]["num_steps"] == 20  # the config file
+    assert json.loads(str(second["sampling"])) == record  # no batch recorded
     assert record["nfe"] == 20 and record["accepted_steps"] == 20
     assert first["samples"].shape == (4, 16, 16, 3)
     assert not np.array_equal(first["x0"], second["x0"])  # another seed's noise
@@ -536,8 +560,22 @@ def test_replacing_an_output_of_other_sampler_or_fid_settings_warns(tmp_path, ca
         for path in (other_json, other_npz)
     ]
 
-    # FID of other weights or against another reference, or none.
+    # A setting recorded on one side only is a change too.
     settings.update(num_steps=20, t_max=1.0)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stochinterp.pipeline"):
+        for extra in ({"noise": "old"}, {}):
+            recorded = dict(settings, **extra)
+            if not extra:
+                del recorded["guidance_scale"]
+            same.write_text(json.dumps({**record, "sampler_settings": recorded}))
+            pipeline.warn_if_replacing(str(same), config)
+    assert [m.split("(")[1].split(")")[0] for m in caplog.messages] == [
+        "noise: 'old' -> None",
+        "guidance_scale: None -> 1.0",
+    ]
+
+    # FID of other weights or against another reference, or none.
     fid_json = tmp_path / "fid.json"
     fid_json.write_text(
         json.dumps({**record, "fid_weights": "a.npz", "fid_reference": "ground truth"})
@@ -747,6 +785,14 @@ def test_held_out_fid_accumulates_the_batches_of_a_key_per_batch(
     assert record["batch"] == 4 and record["nfe_per_batch"] == [5, 5]
     assert record["fid_images"] == 8 and record["fid_reference"] == "ground truth"
     assert record["fid_weights"] == inception_weights
+    assert {k for k in record if k.startswith("fid_")} == {
+        "fid_sample",
+        "fid_mean_fill",
+        "fid_images",
+        "fid_seconds",
+        "fid_reference",
+        "fid_weights",
+    }
     for name in ("fid_sample", "fid_mean_fill"):
         assert record[name] == metrics[name], name
     for name, c in (("ground_truth", 0), ("samples", 1)):
