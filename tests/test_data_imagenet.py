@@ -375,8 +375,7 @@ def _prepared_imagenet2012(tmp_path, damaged=None):
 
 def test_imagenet2012_prepared_copy_is_cropped_on_the_fly(tmp_path):
     config = _prepared_imagenet2012(tmp_path)
-    # Older versions beside it (one damaged) are not read: the newest is,
-    # in version order (5.1.0 after 5.0.10, not as text).
+    # Older versions beside it (damaged ones) are not read: the newest is.
     for old in ("5.0.0", "5.0.10"):
         (tmp_path / "imagenet2012" / old).mkdir()
         (tmp_path / "imagenet2012" / old / "dataset_info.json").write_text("{")
