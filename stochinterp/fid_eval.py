@@ -76,9 +76,10 @@ def load(config, mesh, num_images: int) -> FidSetup | None:
     extractor = fid.FeatureExtractor(
         config.eval.fid_weights, mesh, batch_size=config.eval.fid_batch
     )
-    path, weights = config.eval.fid_reference, config.eval.fid_weights
+    path = config.eval.fid_reference
     reference = fid.load_statistics(path) if path else None
-    return FidSetup(extractor, reference, files(config)["fid_reference"], weights)
+    named = files(config)
+    return FidSetup(extractor, reference, named["fid_reference"], named["fid_weights"])
 
 
 # The record's fields that name a run's FID files.
