@@ -472,7 +472,7 @@ def start(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if note:
-        logging.getLogger("launch").info(note)
+        logging.getLogger("launch").warning(note)  # slower than one per core
     for noisy in ("absl", "jax._src", "orbax", "etils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
