@@ -117,7 +117,7 @@ class _Rows:
             )
 
     def write(self, block: np.ndarray) -> None:
-        self.file.write(np.ascontiguousarray(block).tobytes())
+        block.tofile(self.file)  # in C order, whatever the block's layout
         self.count += block.shape[0]
 
     def header(self) -> dict:

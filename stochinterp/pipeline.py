@@ -436,6 +436,14 @@ def _add_features(setup, stats: dict, config, x1, samples, sample) -> None:
         stats.setdefault(name, fid.FeatureStatistics()).update(setup.extractor(images))
 
 
+def _fid_of_batches(setup, stats: dict, n: int) -> dict:
+    """``fid_eval.distances`` of the statistics ``_add_features`` pooled over
+    the batches of n images, and ``fid_images``."""
+    metrics = fid_eval.distances(setup, stats.pop("truth", None), stats)
+    metrics["fid_images"] = n
+    return metrics
+
+
 def _counts_of_batches(config, infos: list) -> dict:
     """The sampling record of several batches: the most calls and steps any
     batch made, and with several batches the calls of each."""
@@ -486,10 +494,9 @@ def held_out_fid(
         if first is None:
             first = (x1, samples, np.asarray(sample.x0))
         nfe.append(sampling_record(config, info)["nfe"])
-    metrics = fid_eval.distances(setup, stats.pop("truth", None), stats)
+    metrics = _fid_of_batches(setup, stats, n)
     record = sampling_record(config, info)
     metrics.update(
-        fid_images=n,
         batch=batch,
         sampler=record["sampler"],
         sampler_settings=record["sampler_settings"],
@@ -564,8 +571,8 @@ def sample_held_out(
                 fid_seconds += time.time() - began
     if setup is not None:
         began = time.time()
-        record.update(fid_eval.distances(setup, stats.pop("truth", None), stats))
-        record.update(fid_images=n, fid_seconds=fid_seconds + time.time() - began)
+        record.update(_fid_of_batches(setup, stats, n))
+        record["fid_seconds"] = fid_seconds + time.time() - began
         if writer is not None:
             npz_writer.replace_arrays(
                 stem + ".npz", sampling=np.asarray(json.dumps(record))
@@ -646,8 +653,7 @@ def evaluate_inpainting(
     if batch < n:
         metrics["batch"] = batch
     if fid_config is not None:
-        metrics.update(fid_eval.distances(fid_config, stats.pop("truth", None), stats))
-        metrics["fid_images"] = n
+        metrics.update(_fid_of_batches(fid_config, stats, n))
     if jax.process_index() == 0:
         os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
         path = os.path.join(workdir, "samples", picture)

@@ -24,6 +24,14 @@ def test_blocks_are_stacked_in_order_with_their_dtypes(tmp_path):
     np.testing.assert_array_equal(saved["labels"], labels)
     assert str(saved["record"]) == '{"nfe": 20}'
     assert os.listdir(tmp_path) == ["a.npz"]  # the parts are gone
+    # Blocks in another memory layout are stored in row order all the same.
+    with NpzWriter(str(tmp_path / "t.npz")) as out:
+        out.append(x=images[:2].T, y=images[::2, 0])
+        out.close()
+    with np.load(tmp_path / "t.npz") as stored:
+        np.testing.assert_array_equal(stored["x"], images[:2].T)
+        np.testing.assert_array_equal(stored["y"], images[::2, 0])
+    os.remove(tmp_path / "t.npz")
     # Permissions as np.savez's own files get them (the umask's).
     np.savez(tmp_path / "b.npz", x=labels)
     assert os.stat(path).st_mode == os.stat(tmp_path / "b.npz").st_mode
